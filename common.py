@@ -1,0 +1,142 @@
+"""What every script around gpt2.py needs: one-line errors, a device, atomic files,
+downloads that resume, loading a model by name, and plots. gpt2.py needs none of it."""
+
+import os
+import sys
+import time
+
+import torch
+
+from gpt2 import GPT, size_name
+
+MODELS_DIR = "models"  # download_weights.py puts OpenAI's checkpoints in models/<size>/
+
+
+class UserError(Exception):
+    """Bad input a user can fix: printed as one line, without a traceback."""
+
+
+def run(main):
+    """Run a script's main(); bad input ends it with one line on stderr and exit code 1."""
+    try:
+        main()
+    except (UserError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda if present, else mps (Apple), else cpu."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(spec):
+    """A size name (gpt2, 124M, ...) -> models/<size>/, or a folder / .pt path -> GPT in eval mode."""
+    path = spec
+    if not os.path.exists(spec):
+        try:
+            path = os.path.join(MODELS_DIR, size_name(spec))
+        except ValueError:
+            raise UserError(f"{spec} not found: pass a size name, an OpenAI model folder or a .pt checkpoint") from None
+        if not os.path.isfile(os.path.join(path, "model.ckpt.index")):
+            raise UserError(f"no weights in {path}: run  python download_weights.py --model {size_name(spec)}")
+    return GPT.from_pretrained(path)
+
+
+# -----------------------------------------------------------------------------
+# Downloads: resume a partial file, retry, check the size, rename only when whole.
+
+
+def download(url, dest, size=None, retries=3, timeout=30):
+    """Fetch url into dest through dest + '.part'. A .part left by an earlier try is resumed
+    with an HTTP Range request. size, when known, is checked before the rename."""
+    import requests
+    from tqdm import tqdm
+
+    part = dest + ".part"
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    for attempt in range(1, retries + 1):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        if size is not None and have > size:  # longer than the real file: start over
+            os.remove(part)
+            have = 0
+        try:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                if r.status_code == 416 and have == size:  # nothing left to fetch
+                    break
+                r.raise_for_status()
+                if have and r.status_code != 206:  # the server ignored Range: take it all again
+                    have = 0
+                total = size if size is not None else have + int(r.headers.get("content-length", 0)) or None
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest)
+                ) as bar:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            got = os.path.getsize(part)
+            if size is None or got == size:
+                break
+            if got > size:
+                os.remove(part)
+            raise OSError(f"got {got:,} bytes, expected {size:,}")
+        except (requests.RequestException, OSError) as e:
+            if attempt == retries:
+                raise UserError(f"could not download {url} ({e}); check your connection and run again "
+                                f"(it resumes), or put the file at {dest} yourself") from None
+            print(f"download failed ({e}); retrying ({attempt}/{retries - 1})", file=sys.stderr)
+            time.sleep(min(2 ** attempt, 10))
+    os.replace(part, dest)
+    return dest
+
+
+def ensure_file(path, url):
+    """path if it exists, else download it from url; offline, the error says where to put it."""
+    if not os.path.isfile(path):
+        print(f"{path} not found: downloading {url}")
+        download(url, path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Plots: one PNG, one panel per quantity, every curve labelled.
+
+
+def plot_curves(path, xlabel, panels):
+    """panels: {ylabel: {curve label: (xs, ys)}} -> a PNG with the panels side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (ylabel, curves) in zip(axes[0], panels.items()):
+        for label, (xs, ys) in curves.items():
+            ax.plot(xs, ys, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,384 @@
+"""GPT-2 in one file: tokenizer, model, generation and OpenAI's weights.
+
+Read it top to bottom, in the order one learns it: text becomes token ids, ids
+become vectors, attention lets each position look at the ones before it, blocks
+of attention and feed-forward layers refine the vectors, and a final projection
+turns them back into scores over the vocabulary. Needs torch, tiktoken and numpy;
+TensorFlow only to read OpenAI's original checkpoints.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tiktoken
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# Tokenizer: GPT-2's byte-pair encoding (BPE) turns text into ids and back.
+
+
+class Tokenizer:
+    """`Tokenizer()` uses tiktoken's built-in "gpt2" encoding; `Tokenizer(folder)`
+    builds the same encoding from the `encoder.json` OpenAI ships beside the weights."""
+
+    def __init__(self, folder=None):
+        self.enc = tiktoken.get_encoding("gpt2") if folder is None else _encoding_from_folder(folder)
+        self.eot_id = self.enc.eot_token  # <|endoftext|>, 50256: separates documents
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+
+def _encoding_from_folder(folder):
+    path = os.path.join(folder, "encoder.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: a GPT-2 model folder holds encoder.json and vocab.bpe")
+    with open(path, encoding="utf-8") as f:
+        encoder = json.load(f)  # token (bytes spelled as printable characters) -> id
+    # GPT-2 spells each byte as a printable character: printable ones as themselves,
+    # the others as chr(256), chr(257), ... in byte order. Undo that spelling.
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    # An id is also the token's merge rank (its line in vocab.bpe), which is all BPE needs.
+    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if tok != "<|endoftext|>"}
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizing regex
+
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": encoder["<|endoftext|>"]},
+    )
+
+
+# -----------------------------------------------------------------------------
+# Configuration: the four released sizes differ only in depth and width.
+
+MODEL_SIZES = {  # name: (n_layer, n_head, n_embd)
+    "124M": (12, 12, 768),
+    "355M": (24, 16, 1024),
+    "774M": (36, 20, 1280),
+    "1558M": (48, 25, 1600),
+}
+ALIASES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+
+
+def size_name(name):
+    """'gpt2-medium' or '355M' -> '355M'; anything else is an error that lists the names."""
+    size = ALIASES.get(name, name)
+    if size not in MODEL_SIZES:
+        names = ", ".join([*MODEL_SIZES, *ALIASES])
+        raise ValueError(f"unknown model size {name!r}: choose one of {names}")
+    return size
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # 50,000 merges + 256 bytes + <|endoftext|>
+    n_ctx: int = 1024  # longest sequence the model sees (its context window)
+    n_embd: int = 768
+    n_head: int = 12
+    n_layer: int = 12
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in its linear layers and layer norms
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        n_layer, n_head, n_embd = MODEL_SIZES[size_name(name)]
+        return cls(**{"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, **overrides})
+
+
+# -----------------------------------------------------------------------------
+# Attention: each position mixes in the positions before it, weighted by how
+# well its query matches their keys. Several heads do this side by side.
+
+
+class KVCache:
+    """The keys and values of the tokens seen so far in one layer, kept so that
+    generating a token costs one position of work, not the whole prefix."""
+
+    def __init__(self, batch_size, config, device, dtype):
+        shape = (batch_size, config.n_head, config.n_ctx, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.len = 0
+
+    def append(self, k, v):  # (B, nh, T, hs) each; returns all keys and values so far
+        T = k.size(2)
+        self.k[:, :, self.len:self.len + T] = k
+        self.v[:, :, self.len:self.len + T] = v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, S, hs), S = cached + new positions
+        dropout = self.dropout if self.training else 0.0
+        S = k.size(2)
+        if S == T:  # no earlier positions: the plain causal mask, which fast kernels know
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:  # new positions after cached ones: new position i sees the cache and new positions <= i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+# -----------------------------------------------------------------------------
+# Layer norm: rescales each position's vector to a steady size, so that a deep
+# stack of layers trains.
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean(x)) / sqrt(var(x) + 1e-5) * g + b, over each vector's features."""
+
+    def __init__(self, n_embd, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))  # OpenAI's "g"
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None  # OpenAI's "b"
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=1e-5)  # the formula, fused
+
+
+# -----------------------------------------------------------------------------
+# GELU: the smooth nonlinearity between the two feed-forward layers.
+
+
+def gelu(x):
+    """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3))): the tanh form GPT-2 was trained with."""
+    return F.gelu(x, approximate="tanh")  # the same formula in one fused kernel
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward: each position alone goes through a 4x wider layer and back.
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(gelu(self.c_fc(x))))
+
+
+# -----------------------------------------------------------------------------
+# Transformer block: attention then feed-forward, each on a layer-normed copy of
+# x and added back to x (pre-LN residuals keep gradients flowing through depth).
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# The model: token + position embeddings, n_layer blocks, a final layer norm, and
+# the output head that shares its weights with the token embedding.
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token id -> vector
+            wpe=nn.Embedding(config.n_ctx, config.n_embd),  # position -> vector (learned)
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: GPT-2 has one matrix for both
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 paper: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden_states(self, idx, caches=None):
+        """(B, T) token ids -> (B, T, n_embd) final layer-normed vectors."""
+        T = idx.size(1)
+        start = caches[0].len if caches else 0  # positions continue after the cached tokens
+        if start + T > self.config.n_ctx:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context window ({self.config.n_ctx})")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, caches[i] if caches else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """logits (B, T, vocab_size), and the cross-entropy loss if targets (B, T) are given (-100 = ignore)."""
+        logits = self.lm_head(self.hidden_states(idx))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # Generation: predict a token, append it, repeat. The KV cache means each step
+    # only runs the new token through the model.
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+        """Yield the next (B, 1) tokens one step at a time for prompts idx (B, T).
+        Rows that produced eos_id keep yielding eos_id; the stream ends when all have."""
+        n_ctx = self.config.n_ctx
+        idx = idx[:, -n_ctx:]  # a prompt longer than the window keeps its last n_ctx tokens
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+        caches = None
+        for _ in range(max_new_tokens):
+            if caches is None or caches[0].len == n_ctx:
+                # (Re)start: the window is full, so every position shifts and old keys no longer apply.
+                caches = [KVCache(idx.size(0), self.config, idx.device, self.lm_head.weight.dtype)
+                          for _ in range(self.config.n_layer)]
+                x = self.hidden_states(idx[:, -n_ctx:], caches)
+            else:
+                x = self.hidden_states(idx[:, -1:], caches)
+            next_id = sample_next(self.lm_head(x[:, -1, :]), temperature, top_k, top_p)  # (B, 1)
+            if eos_id is not None:
+                next_id = next_id.masked_fill(done, eos_id)
+                done |= next_id == eos_id
+            idx = torch.cat([idx, next_id], dim=1)
+            yield next_id
+            if done.all():
+                return
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+        """(B, T) prompts -> (B, T + n) with n <= max_new_tokens new tokens. temperature 0 = greedy."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id))
+        return torch.cat([idx, *new], dim=1)
+
+    # -------------------------------------------------------------------------
+    # Weights: OpenAI's TensorFlow checkpoints and our own training checkpoints.
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A folder of OpenAI's checkpoint (hparams.json, model.ckpt.*) or a .pt file from
+        train.py -> GPT in eval mode. Every weight must be found, once, with its exact shape."""
+        if os.path.isfile(path):
+            return cls.from_checkpoint(path)
+        model, ckpt = cls._openai_model(path)
+        import tensorflow as tf  # only needed here, to read OpenAI's files
+
+        params = model.state_dict()
+        expected = {openai_name(name): name for name in params if name != "lm_head.weight"}  # tied to wte
+        found = dict(tf.train.list_variables(ckpt))
+        if set(found) != set(expected):
+            missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            raise ValueError(f"{ckpt} does not match a GPT-2 of this size: missing {missing[:3]}, unexpected {extra[:3]}")
+        for tf_name, name in expected.items():
+            array = tf.train.load_variable(ckpt, tf_name)
+            if tf_name.endswith("/w"):  # OpenAI stores linear layers as 1x1 convolutions: (1, in, out)
+                array = array.squeeze(0).T  # -> (out, in), as nn.Linear keeps them
+            if tuple(array.shape) != tuple(params[name].shape):
+                raise ValueError(f"{tf_name} in {ckpt} has shape {list(array.shape)}, expected {list(params[name].shape)}")
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+        return model.eval()
+
+    @classmethod
+    def _openai_model(cls, folder):
+        """Check an OpenAI folder is whole and build an empty model from its hparams.json."""
+        hparams_path, ckpt = os.path.join(folder, "hparams.json"), os.path.join(folder, "model.ckpt")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder} not found: pass a model folder or a .pt checkpoint")
+        for path in (hparams_path, ckpt + ".index", ckpt + ".data-00000-of-00001"):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found: the checkpoint in {folder} is incomplete")
+        with open(hparams_path) as f:
+            hp = json.load(f)
+        config = GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"],
+                           n_head=hp["n_head"], n_layer=hp["n_layer"])
+        return cls(config), ckpt
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """A train.py checkpoint: {"config": GPTConfig as a dict, "model": state_dict, ...}."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+            raise ValueError(f"{path} is not a checkpoint written by this project (no config and model)")
+        model = cls(GPTConfig(**ckpt["config"]))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            detail = str(e).strip().splitlines()[-1].strip()[:300]
+            raise ValueError(f"{path} does not fit its own config: {detail}") from None
+        return model.eval()
+
+    def checkpoint(self, **extra):
+        """What from_checkpoint reads back: the config and the weights, plus anything in extra."""
+        return {"config": asdict(self.config), "model": self.state_dict(), **extra}
+
+
+# -----------------------------------------------------------------------------
+# Sampling: turn the last position's scores into the next token.
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, vocab) scores -> (B, 1) token ids. temperature 0 picks the most likely token;
+    top_k keeps the k likeliest; top_p keeps the fewest whose probabilities sum to p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # tokens whose predecessors already reach p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))  # back to vocab order
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint names: how OpenAI's TensorFlow variables map onto our modules.
+
+
+def openai_name(name):
+    """Our parameter name -> OpenAI's: 'transformer.h.3.attn.c_attn.weight' -> 'model/h3/attn/c_attn/w'."""
+    parts = name.removeprefix("transformer.").split(".")
+    if parts[0] == "h":
+        parts[:2] = [f"h{parts[1]}"]
+    *path, leaf = parts
+    if path in (["wte"], ["wpe"]):
+        return f"model/{path[0]}"
+    leaf = {"bias": "b", "weight": "g" if path[-1].startswith("ln") else "w"}[leaf]
+    return "/".join(["model", *path, leaf])
