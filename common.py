@@ -7,7 +7,9 @@ import time
 
 import torch
 
-from gpt2 import GPT, size_name
+from dataclasses import asdict, replace
+
+from gpt2 import GPT, GPTConfig, size_name
 
 MODELS_DIR = "models"  # download_weights.py puts OpenAI's checkpoints in models/<size>/
 
@@ -58,6 +60,38 @@ def load_model(spec):
         if not os.path.isfile(os.path.join(path, "model.ckpt.index")):
             raise UserError(f"no weights in {path}: run  python download_weights.py --model {size_name(spec)}")
     return GPT.from_pretrained(path)
+
+
+def init_model(init_from, context_length=None, dropout=None, **size):
+    """'scratch' -> a new GPT-2 124M with any of size's n_layer / n_head / n_embd overrides;
+    anything else -> load_model(init_from). context_length shortens the window (a pretrained
+    model keeps its first positions), dropout sets the rate; None leaves either as it is."""
+    size = {k: v for k, v in size.items() if v is not None}
+    changes = {k: v for k, v in (("n_ctx", context_length), ("dropout", dropout)) if v is not None}
+    if init_from == "scratch":
+        return GPT(GPTConfig(**{**asdict(GPTConfig()), **size, **changes}))
+    if size:
+        raise UserError(f"--{next(iter(size)).replace('_', '-')} only applies to --init-from scratch")
+    model = load_model(init_from)
+    if not changes:
+        return model
+    if changes.get("n_ctx", 0) > model.config.n_ctx:
+        raise UserError(f"--context-length {changes['n_ctx']} is longer than the model's {model.config.n_ctx}")
+    new = GPT(replace(model.config, **changes))
+    state = model.state_dict()
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: new.config.n_ctx]
+    new.load_state_dict(state)
+    return new
+
+
+def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW over the trainable parameters, decaying only matrices (not biases or layer norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 # -----------------------------------------------------------------------------
