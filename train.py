@@ -1,0 +1,380 @@
+"""Pretrain GPT-2 on plain text. With no arguments it is the run of Raschka's chapter 5:
+GPT-2 124M from scratch on the-verdict.txt, context 256, batch 2, AdamW 4e-4, 10 epochs.
+
+    python train.py                                   # the book's run; writes out/ckpt.pt, out/best.pt, out/loss.png
+    python train.py --resume                          # continue out/ckpt.pt exactly where it stopped
+    python train.py --data corpus/ --max-iters 5000 --warmup-iters 200 --min-lr 4e-5 --grad-clip 1.0
+    torchrun --nproc_per_node=4 train.py --batch-size 8   # data-parallel; same global batch, same losses
+    python train.py --eval-only --init-from gpt2 --data some.txt
+
+The text is tokenized once (cached beside it), split by tokens: the first 90% train and the
+last 10% validate, each cut into windows of context_length tokens with stride context_length.
+"""
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import math
+import os
+import signal
+import sys
+import time
+from glob import glob
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import UserError, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
+from gpt2 import GPT, GPTConfig, Tokenizer
+
+DEFAULT_DATA = "data/the-verdict.txt"
+VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+TRAIN_FRACTION = 0.9  # of the tokens; the rest is the validation set
+PROMPT = "Every effort moves you"  # the book's fixed prompt for the samples printed at each evaluation
+SAMPLE_TOKENS = 50
+
+# -----------------------------------------------------------------------------
+# Data: text -> cached token ids -> non-overlapping windows.
+
+
+def text_files(path):
+    """A text file, or the .txt files of a folder in name order."""
+    if os.path.isdir(path):
+        files = sorted(glob(os.path.join(path, "*.txt")))
+        if not files:
+            raise UserError(f"no .txt files in {path}: --data takes a text file or a folder of .txt files")
+        return files
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: --data takes a text file or a folder of .txt files")
+    return [path]
+
+
+def load_tokens(path):
+    """All of path's text as GPT-2 token ids (uint16), documents of a folder separated by
+    <|endoftext|>. Cached in <path>.tokens.bin, which starts with the sha256 of the text it
+    holds, so text that changed is tokenized again."""
+    files = text_files(path)
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            data = fh.read()
+        digest.update(f"{os.path.basename(f)}\0{len(data)}\0".encode())
+        digest.update(data)
+    key, cache = digest.digest(), os.path.normpath(path) + ".tokens.bin"
+    if os.path.isfile(cache):
+        with open(cache, "rb") as fh:
+            if fh.read(len(key)) == key:
+                return np.memmap(cache, dtype=np.uint16, mode="r", offset=len(key))
+    tokenizer, ids = Tokenizer(), []
+    for f in tqdm(files, desc="tokenizing", unit="file", disable=len(files) == 1):
+        try:
+            with open(f, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+        ids += tokenizer.encode(text) + ([tokenizer.eot_id] if len(files) > 1 else [])
+    tokens = np.array(ids, dtype=np.uint16)  # GPT-2's 50,257 ids fit in 16 bits
+    try:
+        with open(cache + ".tmp", "wb") as fh:
+            fh.write(key + tokens.tobytes())
+        os.replace(cache + ".tmp", cache)
+    except OSError as e:  # a read-only folder: train anyway, tokenizing again next time
+        print(f"note: could not write the token cache {cache} ({e})", file=sys.stderr)
+    return tokens
+
+
+def load_data(path):
+    if path == DEFAULT_DATA and not os.path.exists(path):
+        try:
+            ensure_file(path, VERDICT_URL)
+        except UserError as e:
+            raise UserError(f"{e}, or pass --data FILE") from None
+    return load_tokens(path)
+
+
+def window_starts(begin, end, context_length):
+    """Where the windows of tokens[begin:end] start, as in the book: stride = context_length,
+    and each window needs context_length + 1 tokens (the targets are the inputs shifted by one)."""
+    return list(range(begin, end - context_length, context_length))
+
+
+def get_batch(tokens, starts, context_length, device):
+    """Windows starting at starts -> inputs and targets, (len(starts), context_length) each."""
+    w = torch.from_numpy(np.stack([tokens[s:s + context_length + 1] for s in starts]).astype(np.int64))
+    return w[:, :-1].to(device), w[:, 1:].to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(n_windows, seed, epoch):
+    """A shuffle that depends only on (seed, epoch): a resumed run sees the same batches."""
+    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def step_windows(train_starts, step, batch_size, seed):
+    """The batch_size training windows of optimizer step `step` (the last partial batch of an epoch is dropped)."""
+    epoch, i = divmod(step, len(train_starts) // batch_size)
+    order = epoch_order(len(train_starts), seed, epoch)
+    return [train_starts[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+
+
+# -----------------------------------------------------------------------------
+# Evaluation, learning rate, checkpoints.
+
+
+@torch.no_grad()
+def evaluate(model, tokens, starts, context_length, batch_size, device, autocast):
+    """Mean next-token loss over the windows at starts."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(starts), batch_size):
+        x, y = get_batch(tokens, starts[i:i + batch_size], context_length, device)
+        with autocast:
+            total += model(x, y)[1].item() * len(x)
+    model.train()
+    return total / len(starts)
+
+
+def sample(model, tokenizer, device):
+    """The book's check on progress: greedy continuation of PROMPT (greedy draws no random numbers)."""
+    model.eval()
+    out = model.generate(torch.tensor([tokenizer.encode(PROMPT)], device=device), SAMPLE_TOKENS, temperature=0)
+    model.train()
+    return tokenizer.decode(out[0].tolist()).replace("\n", " ")
+
+
+def learning_rate(step, total, args):
+    """Linear warmup to --lr over --warmup-iters steps, then cosine decay to --min-lr at the last step."""
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / args.warmup_iters
+    min_lr = args.lr if args.min_lr is None else args.min_lr
+    progress = (step - args.warmup_iters) / max(1, total - args.warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+
+
+def rng_states(world):
+    """Every process's random state (it draws the dropout masks), as tensors that
+    torch.load(weights_only=True) reads back."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    states = [state] * world
+    if world > 1:
+        dist.all_gather_object(states, state)
+    return states
+
+
+def setup_distributed(device):
+    """Under torchrun: join the process group -> (rank, number of processes, this process's device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file or a folder of .txt files "
+                        "(the default is downloaded when missing)")
+    parser.add_argument("--out-dir", default="out", help="where ckpt.pt (latest), best.pt (best validation loss) and loss.png go")
+    parser.add_argument("--init-from", default="scratch", help="scratch, an OpenAI size (gpt2, gpt2-medium, ...: "
+                        "see download_weights.py) or a .pt checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt; its settings are the "
+                        "defaults, flags given now override them")
+    parser.add_argument("--eval-only", action="store_true", help="print the loss and perplexity on all of --data, then exit")
+    parser.add_argument("--n-layer", type=int, help="with --init-from scratch: number of blocks (default: 124M's)")
+    parser.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads (default: 124M's)")
+    parser.add_argument("--n-embd", type=int, help="with --init-from scratch: width (default: 124M's)")
+    parser.add_argument("--context-length", type=int, default=256, help="tokens per window (a pretrained model is cut to it)")
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--max-iters", type=int, default=0, help="optimizer steps; 0: --epochs passes over the data")
+    parser.add_argument("--batch-size", type=int, default=2, help="windows per optimizer step, over all processes")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (each process)")
+    parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate")
+    parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default: --lr, no decay)")
+    parser.add_argument("--warmup-iters", type=int, default=0)
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="on weight matrices only")
+    parser.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0: no clipping")
+    parser.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations; 0: once per epoch")
+    parser.add_argument("--eval-batches", type=int, default=5, help="batches of each split per evaluation (the book's eval_iter)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--seed", type=int, default=123)
+    args = parser.parse_args()
+    ckpt = None
+    if args.resume:
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found: nothing to resume (drop --resume to start a new run)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        parser.set_defaults(**ckpt["args"])
+        args = parser.parse_args()
+
+    rank, world, device = setup_distributed(pick_device(args.device))
+    master = rank == 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    if not master:
+        dist.barrier()  # rank 0 downloads and tokenizes; the others then read its cache
+    tokens = load_data(args.data)
+    if master and world > 1:
+        dist.barrier()
+
+    torch.manual_seed(args.seed)
+    if ckpt:
+        raw = GPT(GPTConfig(**ckpt["config"]))
+        raw.load_state_dict(ckpt["model"])
+    else:
+        raw = init_model(args.init_from, args.context_length, args.dropout,
+                         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    raw.to(device).train()
+    model = torch.compile(raw) if args.compile else raw
+    L = raw.config.n_ctx
+
+    if args.eval_only:
+        starts = window_starts(0, len(tokens), L)
+        if not starts:
+            raise UserError(f"{args.data} has {len(tokens):,} tokens, fewer than one window of {L + 1}")
+        loss = evaluate(model, tokens, starts, L, args.batch_size, device, autocast)
+        if master:
+            print(f"{args.data}: {len(starts)} windows of {L} tokens, loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+        return
+
+    micro = args.batch_size // (world * args.grad_accum)  # windows per forward pass in each process
+    if micro * world * args.grad_accum != args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x --grad-accum ({args.grad_accum})")
+    n_train = int(TRAIN_FRACTION * len(tokens))
+    train_starts, val_starts = window_starts(0, n_train, L), window_starts(n_train, len(tokens), L)
+    steps_per_epoch = len(train_starts) // args.batch_size
+    if not steps_per_epoch or not val_starts:
+        raise UserError(f"{args.data} is too short: its {len(tokens):,} tokens give {len(train_starts)} training and "
+                        f"{len(val_starts)} validation windows of {L + 1} tokens, and one batch of {args.batch_size} "
+                        "and one validation window are needed; use more text or a smaller --context-length or --batch-size")
+    total = args.max_iters or args.epochs * steps_per_epoch
+    eval_interval = args.eval_interval or steps_per_epoch
+    n_eval = args.eval_batches * args.batch_size
+    tokens_per_step = args.batch_size * L
+
+    optimizer = configure_optimizer(raw, args.lr, args.weight_decay, betas=(0.9, args.beta2))
+    torch.manual_seed(args.seed + rank)  # dropout masks: their own stream in each process
+    step, best_val = 0, math.inf
+    history = {"step": [], "tokens": [], "train": [], "val": [], "loss": []}  # "loss": every step's training loss
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_val, history = ckpt["step"], ckpt["best_val"], ckpt["history"]
+        if len(ckpt["rng"]) == world:
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if "cuda" in ckpt["rng"][rank] and torch.cuda.is_available():
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        elif master:
+            print(f"note: {len(ckpt['rng'])} processes wrote the checkpoint, {world} resume it: dropout draws new masks")
+        del ckpt
+    ddp_model = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else model
+
+    def save_latest():
+        rng = rng_states(world)  # every process takes part; rank 0 writes
+        if master:
+            save_atomic(raw.checkpoint(optimizer=optimizer.state_dict(), step=step, best_val=best_val,
+                                       history=history, rng=rng, args=vars(args)), os.path.join(args.out_dir, "ckpt.pt"))
+
+    stopping = []
+
+    def on_ctrl_c(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits at once, unsaved
+        stopping.append(True)
+        print("\nCtrl-C: saving after this step (press again to quit without saving)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)  # stop between steps, never halfway through an update
+
+    tokenizer = Tokenizer()
+    if master:
+        print(f"{args.data}: {len(tokens):,} tokens, {len(train_starts)} training and {len(val_starts)} validation windows "
+              f"of {L}; {steps_per_epoch} steps of {args.batch_size} per epoch, {total} steps, {world} process(es)")
+    bar = tqdm(total=total, initial=step, unit="step", disable=not master)
+    train_time, steps_timed, stopped = 0.0, 0, False
+    while True:
+        if (step % eval_interval == 0 or step == total) and step not in history["step"][-1:]:
+            train_loss = evaluate(model, tokens, train_starts[:n_eval], L, micro, device, autocast)
+            val_loss = evaluate(model, tokens, val_starts[:n_eval], L, micro, device, autocast)
+            history["step"].append(step)
+            history["tokens"].append(step * tokens_per_step)
+            history["train"].append(train_loss)
+            history["val"].append(val_loss)
+            if master:
+                bar.write(f"step {step} (epoch {step / steps_per_epoch:.1f}, {step * tokens_per_step:,} tokens): "
+                          f"train loss {train_loss:.3f} (perplexity {math.exp(train_loss):.1f}), "
+                          f"val loss {val_loss:.3f} (perplexity {math.exp(val_loss):.1f})")
+                bar.write(f"  {sample(raw, tokenizer, device)}")
+            if val_loss < best_val:
+                best_val = val_loss
+                if master:
+                    save_atomic(raw.checkpoint(step=step, val_loss=val_loss), os.path.join(args.out_dir, "best.pt"))
+            if 0 < step < total:
+                save_latest()
+        if step == total or stopped:
+            break
+
+        t0 = time.time()
+        for g in optimizer.param_groups:
+            g["lr"] = learning_rate(step, total, args)
+        windows = step_windows(train_starts, step, args.batch_size, args.seed)
+        loss_sum = 0.0
+        for m in range(args.grad_accum):
+            chunk = windows[(m * world + rank) * micro:(m * world + rank + 1) * micro]
+            x, y = get_batch(tokens, chunk, L, device)
+            # DDP averages gradients over processes in backward(); only the last micro-batch needs it.
+            sync = ddp_model.no_sync() if world > 1 and m < args.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss = ddp_model(x, y)[1] / args.grad_accum
+                loss.backward()
+            loss_sum += loss.item()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        report = torch.tensor([loss_sum, float(bool(stopping))], device=device)
+        if world > 1:
+            dist.all_reduce(report)  # the mean loss, and whether any process got Ctrl-C
+        loss_mean, stopped = report[0].item() / world, report[1].item() > 0
+        history["loss"].append(loss_mean)
+        step += 1
+        dt = time.time() - t0
+        train_time, steps_timed = train_time + dt, steps_timed + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+
+    bar.close()
+    save_latest()
+    if master:
+        plot = plot_curves(os.path.join(args.out_dir, "loss.png"), "tokens seen",
+                           {"loss": {"train": (history["tokens"], history["train"]),
+                                     "validation": (history["tokens"], history["val"])}})
+        if stopped:
+            print(f"stopped at step {step}/{total}; saved {args.out_dir}/ckpt.pt: python train.py --resume continues")
+        else:
+            print(f"done: {total} steps, {step * tokens_per_step:,} tokens; train loss {history['train'][-1]:.3f}, "
+                  f"val loss {history['val'][-1]:.3f} (perplexity {math.exp(history['val'][-1]):.1f}); "
+                  f"best val loss {best_val:.3f}")
+        if steps_timed:
+            print(f"{steps_timed} steps in {train_time:.0f} s, {steps_timed * tokens_per_step / train_time:,.0f} tokens/s "
+                  f"(evaluation excluded); wrote {args.out_dir}/ckpt.pt, {args.out_dir}/best.pt, {plot}")
+    if world > 1:
+        dist.destroy_process_group()
+    if stopped:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run(main)
