@@ -1,0 +1,276 @@
+"""Fine-tune GPT-2 as an SMS spam classifier and measure it like a classifier.
+
+The model reads a message, and the hidden state of its last token (the only position
+that has seen the whole message) goes through a new 2-way head: ham or spam. Only the
+last few blocks, the final layer norm and the head are trained.
+
+    python finetune_spam.py --init-from gpt2                        # OpenAI's 124M weights
+    python finetune_spam.py --init-from scratch --n-layer 2 --n-head 4 --n-embd 128 --lr 1e-3
+    python finetune_spam.py --classify "You won a free cruise, call now"
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+import zipfile
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from common import UserError, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
+from gpt2 import GPT, GPTConfig, Tokenizer
+
+DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+DATA_FILE = "data/sms-spam/SMSSpamCollection"
+LABELS = ["ham", "spam"]  # class index -> name; spam is the positive class
+SPLITS = {"train": 0.7, "validation": 0.1, "test": 0.2}
+PAD_ID = 50256  # <|endoftext|>; padding never reaches the prediction, see classify()
+
+
+# -----------------------------------------------------------------------------
+# Data: the UCI file, balanced and split once per seed.
+
+
+def read_messages(path):
+    """SMSSpamCollection: one 'label<TAB>text' per line -> [(label, text)]. Read line by line,
+    not as CSV: a message starting with a quote is not a quoted field."""
+    messages = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            label, tab, text = line.rstrip("\n").partition("\t")
+            if not tab or label not in LABELS or not text.strip():
+                raise UserError(f"{path} line {n} is not 'ham|spam<TAB>text': {line[:60]!r}")
+            messages.append((label, text))
+    for label in LABELS:
+        if not any(m[0] == label for m in messages):
+            raise UserError(f"{path} has no {label} messages: a classifier needs both")
+    return messages
+
+
+def balanced_split(messages, seed):
+    """Keep every spam and as many randomly chosen ham, shuffle, cut 70/10/20.
+    The same messages and seed always give the same split."""
+    rng = random.Random(seed)
+    by_label = {label: [m for m in messages if m[0] == label] for label in LABELS}
+    n = min(len(ms) for ms in by_label.values())
+    balanced = [m for ms in by_label.values() for m in rng.sample(ms, n)]
+    rng.shuffle(balanced)
+    n_train, n_val = int(len(balanced) * SPLITS["train"]), int(len(balanced) * SPLITS["validation"])
+    return {"train": balanced[:n_train], "validation": balanced[n_train:n_train + n_val],
+            "test": balanced[n_train + n_val:]}
+
+
+def write_split(split, folder, seed):
+    """Each part as folder/<part>-seed<seed>.tsv, in the source's own format."""
+    os.makedirs(folder, exist_ok=True)
+    for name, messages in split.items():
+        path = os.path.join(folder, f"{name}-seed{seed}.tsv")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(f"{label}\t{text}\n" for label, text in messages)
+        os.replace(path + ".tmp", path)
+
+
+def load_data(path):
+    """The collection at path; the default path is downloaded (and unzipped) when missing."""
+    if not os.path.isfile(path):
+        if path != DATA_FILE:
+            raise UserError(f"{path} not found: pass --data path/to/SMSSpamCollection, or leave it out to download it")
+        archive = ensure_file(os.path.join(os.path.dirname(path), "sms+spam+collection.zip"), DATA_URL)
+        with zipfile.ZipFile(archive) as z:
+            z.extract("SMSSpamCollection", os.path.dirname(path))
+    return read_messages(path)
+
+
+def encode(tokenizer, text, n_ctx):
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UserError("the text is empty: nothing to classify")
+    if len(ids) > n_ctx:
+        raise UserError(f"a text of {len(ids)} tokens is longer than the model's context ({n_ctx}): "
+                        f"{text[:40]!r}...; train with a longer --context-length")
+    return ids
+
+
+def batches(examples, batch_size, device, generator=None):
+    """[(ids, label)] -> (idx (B, T) padded with PAD_ID, lengths (B,), labels (B,)) per batch,
+    each padded only to its own longest text; shuffled when a generator is given."""
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator else list(range(len(examples)))
+    for i in range(0, len(order), batch_size):
+        rows = [examples[j] for j in order[i:i + batch_size]]
+        lengths = torch.tensor([len(ids) for ids, _ in rows])
+        idx = torch.full((len(rows), int(lengths.max())), PAD_ID, dtype=torch.long)
+        for r, (ids, _) in enumerate(rows):
+            idx[r, :len(ids)] = torch.tensor(ids)
+        labels = torch.tensor([label for _, label in rows])
+        yield idx.to(device), lengths.to(device), labels.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Model: GPT-2 with a 2-way head read at each text's last real token.
+
+
+def with_class_head(model):
+    """Swap the vocabulary head for a ham/spam one (this unties it from wte, which keeps its weights)."""
+    model.lm_head = nn.Linear(model.config.n_embd, len(LABELS))
+    return model
+
+
+def classify(model, idx, lengths):
+    """(B, T) right-padded ids and their real lengths -> (B, 2) logits. Attention is causal, so
+    the last real token (index length - 1) never sees the padding after it."""
+    hidden = model.hidden_states(idx)  # (B, T, C)
+    return model.lm_head(hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1])
+
+
+def freeze_all_but(model, trainable_blocks):
+    """Train only the last trainable_blocks blocks, the final layer norm and the head;
+    'all' trains everything, embeddings too (what a model from scratch needs)."""
+    if trainable_blocks == "all":
+        return
+    blocks, n = model.transformer.h, int(trainable_blocks) if trainable_blocks.isdigit() else -1
+    if not 0 <= n <= len(blocks):
+        raise UserError(f"--trainable-blocks {trainable_blocks}: give 'all' or a number from 0 to {len(blocks)}")
+    model.requires_grad_(False)
+    for module in [*blocks[len(blocks) - n:], model.transformer.ln_f, model.lm_head]:
+        module.requires_grad_(True)
+
+
+def load_classifier(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no saved classifier at {path}: train one first with  python finetune_spam.py")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = with_class_head(GPT(GPTConfig(**ckpt["config"])))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"{path} is not a spam classifier of this project (its weights do not fit)") from None
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# Measuring: loss, accuracy, precision, recall, F1 and the confusion matrix.
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size, device):
+    """Mean loss and the metrics of the model's predictions on examples."""
+    model.eval()
+    total_loss, preds, labels = 0.0, [], []
+    for idx, lengths, y in batches(examples, batch_size, device):
+        logits = classify(model, idx, lengths)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        preds += logits.argmax(-1).tolist()
+        labels += y.tolist()
+    return {"loss": total_loss / len(examples), **metrics(preds, labels)}
+
+
+def metrics(preds, labels):
+    """Spam is the positive class. confusion[true][predicted], rows and columns in LABELS order."""
+    confusion = [[sum(1 for p, y in zip(preds, labels) if y == t and p == q) for q in range(2)] for t in range(2)]
+    (tn, fp), (fn, tp) = confusion
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(labels), "precision": precision, "recall": recall, "f1": f1,
+            "confusion": confusion}
+
+
+def print_report(report):
+    print(f"{'split':<11} {'loss':>7} {'accuracy':>9} {'precision':>10} {'recall':>7} {'F1':>6}   confusion [[TN FP] [FN TP]]")
+    for name, m in report.items():
+        print(f"{name:<11} {m['loss']:7.4f} {m['accuracy']:9.2%} {m['precision']:10.2%} {m['recall']:7.2%} "
+              f"{m['f1']:6.2%}   {m['confusion']}")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--classify", metavar="TEXT", help="print spam or ham for TEXT with the saved classifier, and stop")
+    p.add_argument("--data", default=DATA_FILE, help="the SMSSpamCollection file (the default is downloaded if missing)")
+    p.add_argument("--split-dir", default="data/sms-spam", help="where the train/validation/test split files go")
+    p.add_argument("--out-dir", default="out/spam", help="classifier.pt, metrics.json and curves.png go here")
+    p.add_argument("--init-from", default="gpt2", help="scratch, a GPT-2 size (gpt2, 124M, ...), a model folder or a train.py .pt")
+    p.add_argument("--n-layer", type=int, help="with --init-from scratch: number of blocks (default 124M's)")
+    p.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads")
+    p.add_argument("--n-embd", type=int, help="with --init-from scratch: width")
+    p.add_argument("--context-length", type=int, help="shorter context window (default: the model's own)")
+    p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=123, help="seeds the balanced split and the training")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    checkpoint_path = os.path.join(args.out_dir, "classifier.pt")
+    tokenizer = Tokenizer()
+
+    if args.classify is not None:
+        model = load_classifier(checkpoint_path)
+        idx = torch.tensor([encode(tokenizer, args.classify, model.config.n_ctx)])
+        with torch.no_grad():
+            probs = F.softmax(classify(model, idx, torch.tensor([idx.size(1)])), dim=-1)[0]
+        print(f"{LABELS[int(probs.argmax())]} {probs.max().item():.3f}")
+        return
+
+    split = balanced_split(load_data(args.data), args.seed)
+    write_split(split, args.split_dir, args.seed)
+    print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    model = with_class_head(init_model(args.init_from, args.context_length, None, n_layer=args.n_layer,
+                                       n_head=args.n_head, n_embd=args.n_embd))
+    freeze_all_but(model, args.trainable_blocks)
+    model.to(device)
+    data = {name: [(encode(tokenizer, text, model.config.n_ctx), LABELS.index(label)) for label, text in ms]
+            for name, ms in split.items()}
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
+
+    history, best, generator = [], None, torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = -(-len(data["train"]) // args.batch_size)
+    start = time.time()
+    with tqdm(total=args.epochs * steps_per_epoch, desc="fine-tuning", unit="step") as bar:
+        for epoch in range(1, args.epochs + 1):
+            model.train()
+            for idx, lengths, y in batches(data["train"], args.batch_size, device, generator):
+                loss = F.cross_entropy(classify(model, idx, lengths), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            train, val = (evaluate(model, data[name], args.batch_size, device) for name in ("train", "validation"))
+            history.append({"epoch": epoch, "train": train, "validation": val})
+            saved = best is None or val["loss"] < best["validation"]["loss"]
+            if saved:  # keep the epoch with the lowest validation loss
+                best = history[-1]
+                save_atomic(model.checkpoint(labels=LABELS, epoch=epoch, seed=args.seed), checkpoint_path)
+            bar.write(f"epoch {epoch}: train loss {train['loss']:.4f} acc {train['accuracy']:.2%} | "
+                      f"val loss {val['loss']:.4f} acc {val['accuracy']:.2%}" + (" | saved" if saved else ""))
+    print(f"trained in {time.time() - start:.0f}s")
+
+    model = load_classifier(checkpoint_path).to(device)
+    report = {name: evaluate(model, examples, args.batch_size, device) for name, examples in data.items()}
+    print(f"best epoch {best['epoch']}, saved in {checkpoint_path}")
+    print_report(report)
+    metrics_path = os.path.join(args.out_dir, "metrics.json")
+    with open(metrics_path + ".tmp", "w") as f:
+        json.dump({**report, "history": history, "args": vars(args)}, f, indent=2)
+    os.replace(metrics_path + ".tmp", metrics_path)
+    epochs = [h["epoch"] for h in history]
+    curves = {quantity: {name: (epochs, [h[name][quantity] for h in history]) for name in ("train", "validation")}
+              for quantity in ("loss", "accuracy")}
+    plot_curves(os.path.join(args.out_dir, "curves.png"), "epoch", curves)
+    print(f"metrics in {metrics_path}, curves in {os.path.join(args.out_dir, 'curves.png')}")
+
+
+if __name__ == "__main__":
+    run(main)
