@@ -1,0 +1,380 @@
+"""Instruction tuning: teach GPT-2 to follow Alpaca-style instructions, then let a
+bigger model served by Ollama judge its answers (Raschka, "Build a Large Language
+Model (From Scratch)", chapter 7).
+
+    python finetune_instruct.py                                  # GPT-2 355M, full fine-tuning
+    python finetune_instruct.py --lora-rank 16 --mask-prompt     # LoRA, loss on the responses only
+    python finetune_instruct.py --evaluate out/instruct-responses.json   # score the answers with llama3
+
+Training writes the best checkpoint (a plain GPT checkpoint: LoRA is merged into the
+weights), a loss plot, and the model's answers to the test split beside the references.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import re
+from functools import partial
+from itertools import islice
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common import UserError, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
+from gpt2 import GPT, Tokenizer
+
+DATA = "data/instruction-data.json"
+DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+SPLIT = (0.85, 0.10)  # train, test; the remaining 5% is validation (the book's split)
+IGNORE = -100  # target id that cross_entropy skips
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer inside the blocks
+SAMPLE_TOKENS = 35  # length of the answer shown at each evaluation
+OLLAMA_URL = "http://localhost:11434"
+JUDGE_MODEL = "llama3"
+JUDGE_RETRIES = 2  # extra tries when the judge's reply is not a number
+JUDGE_TIMEOUT = 300  # seconds; a big judge on a CPU is slow
+JUDGE_PROMPT = (
+    "Given the input `{prompt}` and correct output `{output}`, score the model response `{response}`"
+    " on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
+)
+JUDGE_REMINDER = "That is not a score. Respond with one integer from 0 to 100 and nothing else."
+
+# -----------------------------------------------------------------------------
+# Data: the Alpaca prompt, a fixed split, and batches whose loss covers the answers.
+
+
+def format_prompt(entry):
+    """The Alpaca prompt for {"instruction", "input" (may be empty or absent)}: what the
+    model reads before it answers. Training, generation and judging all use this."""
+    text = ("Below is an instruction that describes a task. Write a response that appropriately "
+            f"completes the request.\n\n### Instruction:\n{entry['instruction']}")
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text + "\n\n### Response:\n"
+
+
+def load_entries(path, required=("instruction", "output")):
+    """A JSON list of objects whose `required` fields (and `input`, if present) are strings."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path} must hold a non-empty JSON list of entries")
+    for i, entry in enumerate(entries):
+        fields = (*required, "input") if isinstance(entry, dict) and "input" in entry else required
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in fields):
+            raise UserError(f"{path}: entry {i} needs the string fields {', '.join(fields)}")
+    return entries
+
+
+def split(entries, seed):
+    """Shuffle with a fixed seed, then 85% train, 5% validation, 10% test."""
+    entries = entries[:]
+    random.Random(seed).shuffle(entries)
+    n_train, n_test = int(len(entries) * SPLIT[0]), int(len(entries) * SPLIT[1])
+    train, test, val = entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
+    if not (train and val and test):
+        raise UserError(f"{len(entries)} entries are too few to split into train, validation and test")
+    return train, val, test
+
+
+def encode(tokenizer, entry):
+    """-> (prompt + answer + <|endoftext|> ids, prompt length in tokens)."""
+    prompt = tokenizer.encode(format_prompt(entry))
+    return prompt + tokenizer.encode(entry["output"]) + [tokenizer.eot_id], len(prompt)
+
+
+def collate(batch, mask_prompt=False, max_length=None, pad_id=50256):
+    """[(ids, prompt_len), ...] -> inputs, targets (B, T). The targets are the inputs shifted
+    by one: each row keeps its first <|endoftext|> (so the model learns to stop) and the
+    padding after it is IGNORE; mask_prompt also ignores the prompt, so only the answer
+    counts. max_length truncates every row to at most that many positions."""
+    rows = [(ids[:max_length + 1] if max_length else ids, prompt_len) for ids, prompt_len in batch]
+    T = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.full((len(rows), T), pad_id)
+    targets = torch.full((len(rows), T), IGNORE)
+    for row, (ids, prompt_len) in enumerate(rows):
+        inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[row, :len(ids) - 1] = torch.tensor(ids[1:])
+        if mask_prompt:
+            targets[row, :prompt_len - 1] = IGNORE  # position prompt_len - 1 predicts the answer's first token
+    return inputs, targets
+
+
+def shuffled_batches(data, batch_size, generator):
+    """Endless batches, in a new random order each epoch."""
+    while True:
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            yield [data[j] for j in order[i:i + batch_size]]
+
+
+# -----------------------------------------------------------------------------
+# LoRA: freeze the pretrained weights and learn a low-rank change to each linear layer.
+
+
+class LoRALinear(nn.Module):
+    """linear(x) + x A^T B^T * alpha / rank, with only A (rank, in) and B (out, rank) trained.
+    B starts at zero, so training starts exactly from the pretrained model."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        w = linear.weight
+        self.A = nn.Parameter(torch.empty(rank, linear.in_features, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises its own weight
+        self.B = nn.Parameter(torch.zeros(linear.out_features, rank, device=w.device, dtype=w.dtype))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return self.linear(x) + (x @ self.A.T @ self.B.T) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        """The plain linear layer with the low-rank change folded into its weight."""
+        self.linear.weight += (self.B @ self.A) * self.scale
+        return self.linear
+
+
+def add_lora(model, rank, alpha):
+    """Freeze every weight, then wrap the blocks' linear layers in LoRALinear."""
+    model.requires_grad_(False)
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name in LORA_TARGETS:
+                if hasattr(parent, name):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    return model
+
+
+def merge_lora(model):
+    """Replace every LoRALinear by its merged linear layer: a plain GPT again."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merge())
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@torch.no_grad()
+def mean_loss(model, data, batch_size, n_batches, make_batch, device):
+    """Average loss over the first n_batches batches of data."""
+    model.eval()
+    losses = []
+    for i in range(0, min(len(data), n_batches * batch_size), batch_size):
+        inputs, targets = make_batch(data[i:i + batch_size])
+        losses.append(model(inputs.to(device), targets.to(device))[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def respond(model, tokenizer, entry, max_new_tokens, device):
+    """Greedy answer to one entry's prompt, stopping at <|endoftext|>."""
+    was_training = model.training
+    model.eval()
+    prompt = torch.tensor([tokenizer.encode(format_prompt(entry))], device=device)
+    new = model.generate(prompt, max_new_tokens, temperature=0, eos_id=tokenizer.eot_id)[0, prompt.size(1):].tolist()
+    model.train(was_training)
+    return tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eot_id else new).strip()
+
+
+def write_json(obj, path):
+    """JSON to a temporary name, then rename."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+
+
+def finetune(args):
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    path = ensure_file(args.data, DATA_URL) if args.data == DATA else args.data
+    train_set, val_set, test_set = split(load_entries(path), args.seed)
+    print(f"{path}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
+
+    model = init_model(args.init_from, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    max_length = args.max_length or model.config.n_ctx
+    if max_length > model.config.n_ctx:
+        raise UserError(f"--max-length {max_length} is longer than the model's context window ({model.config.n_ctx})")
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, args.lora_alpha)
+    model.to(device).train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+          + (f", LoRA rank {args.lora_rank} alpha {args.lora_alpha}" if args.lora_rank else ", full fine-tuning"))
+
+    tokenizer = Tokenizer()
+    make_batch = partial(collate, mask_prompt=args.mask_prompt, max_length=max_length, pad_id=tokenizer.eot_id)
+    train_data, val_data = ([encode(tokenizer, e) for e in entries] for entries in (train_set, val_set))
+    if args.mask_prompt:  # a prompt that fills the window leaves no answer token to learn from
+        train_data, val_data = ([d for d in data if d[1] <= max_length] for data in (train_data, val_data))
+        if not (train_data and val_data):
+            raise UserError(f"every prompt is longer than --max-length {max_length}: raise it or drop --mask-prompt")
+
+    steps = args.max_steps or args.epochs * math.ceil(len(train_data) / args.batch_size)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay)
+    batches = shuffled_batches(train_data, args.batch_size, torch.Generator().manual_seed(args.seed))
+    history = {"step": [], "train": [], "val": []}
+    best = math.inf
+    bar = tqdm(islice(batches, steps), total=steps, desc="fine-tuning", unit="step")
+    for step, batch in enumerate(bar, 1):
+        inputs, targets = make_batch(batch)
+        _, loss = model(inputs.to(device), targets.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % args.eval_interval and step != steps:
+            continue
+        train_loss, val_loss = (mean_loss(model, data, args.batch_size, args.eval_batches, make_batch, device)
+                                for data in (train_data, val_data))
+        for key, value in zip(history, (step, train_loss, val_loss)):
+            history[key].append(value)
+        answer = respond(model, tokenizer, val_set[0], SAMPLE_TOKENS, device)
+        tqdm.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f} | "
+                   f"{val_set[0]['instruction']!r} -> {answer!r}")
+        if val_loss < best:
+            best = val_loss
+            saved = merge_lora(copy.deepcopy(model)) if args.lora_rank else model
+            save_atomic(saved.checkpoint(step=step, val_loss=val_loss, args=vars(args)), args.out)
+    bar.close()
+    print(f"best val loss {best:.3f}: saved {args.out}")
+    stem = os.path.splitext(args.out)[0]
+    plot_curves(f"{stem}-loss.png", "step", {"loss": {"train": (history["step"], history["train"]),
+                                                      "val": (history["step"], history["val"])}})
+
+    model = GPT.from_checkpoint(args.out).to(device)  # the answers come from the saved, best weights
+    responses = [{**entry, "model_response": respond(model, tokenizer, entry, args.max_new_tokens, device)}
+                 for entry in tqdm(test_set, desc="answering the test split")]
+    write_json(responses, f"{stem}-responses.json")
+    print(f"wrote {stem}-loss.png and {stem}-responses.json; score the answers with\n"
+          f"  python finetune_instruct.py --evaluate {stem}-responses.json")
+
+
+# -----------------------------------------------------------------------------
+# The judge: an instruction-tuned model served by Ollama scores each answer 0-100.
+
+
+def ask_ollama(url, model, messages, seed):
+    """One non-streamed reply from Ollama's /api/chat, deterministic (temperature 0, fixed seed)."""
+    import requests
+
+    body = {"model": model, "messages": messages, "stream": False, "options": {"temperature": 0, "seed": seed}}
+    try:
+        r = requests.post(f"{url.rstrip('/')}/api/chat", json=body, timeout=JUDGE_TIMEOUT)
+    except requests.ConnectionError:
+        raise UserError(f"cannot reach Ollama at {url}: start it with `ollama serve`, or pass --ollama-url") from None
+    except requests.Timeout:
+        raise UserError(f"Ollama at {url} gave no answer in {JUDGE_TIMEOUT} s") from None
+    try:
+        reply = r.json()
+    except ValueError:
+        reply = {}
+    error = reply.get("error", r.text[:200]) if isinstance(reply, dict) else r.text[:200]
+    if r.status_code == 404 and "not found" in str(error) and "model" in str(error):
+        raise UserError(f"Ollama at {url} has no model {model!r} ({error}): run `ollama pull {model}`, "
+                        "or pass --judge-model")
+    if not r.ok:
+        raise UserError(f"Ollama at {url} answered HTTP {r.status_code}: {error}")
+    try:
+        return reply["message"]["content"]
+    except (KeyError, TypeError):
+        raise UserError(f"{url}/api/chat did not answer with Ollama's chat JSON: is it an Ollama server?") from None
+
+
+def parse_score(reply):
+    """'85' (spaces or a final '.' allowed) -> 85; anything that is not one number in 0..100 -> None."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*\.?\s*", reply)
+    if m is None or float(m.group(1)) > 100:
+        return None
+    score = float(m.group(1))
+    return int(score) if score.is_integer() else score
+
+
+def judge(entry, url, model, seed):
+    """The judge's score for entry["model_response"], or None when it never replies with a number."""
+    prompt = JUDGE_PROMPT.format(prompt=format_prompt(entry), output=entry["output"], response=entry["model_response"])
+    messages = [{"role": "user", "content": prompt}]
+    for _ in range(1 + JUDGE_RETRIES):
+        reply = ask_ollama(url, model, messages, seed)
+        score = parse_score(reply)
+        if score is not None:
+            return score, reply
+        # Same prompt, temperature 0 and seed would give the same reply: point out the mistake instead.
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": JUDGE_REMINDER}]
+    return None, reply
+
+
+def evaluate(args):
+    entries = load_entries(args.evaluate, required=("instruction", "output", "model_response"))
+    scores = []
+    for i, entry in enumerate(tqdm(entries, desc=f"judging with {args.judge_model}")):
+        score, reply = judge(entry, args.ollama_url, args.judge_model, args.seed)
+        if score is None:
+            tqdm.write(f"entry {i}: the judge's reply {reply[:80]!r} is not a score after "
+                       f"{1 + JUDGE_RETRIES} tries: counted as failed")
+        else:
+            tqdm.write(f"entry {i}: score {score}")
+        entry["score"] = score
+        scores.append(score)
+    write_json(entries, args.evaluate)
+    valid = [s for s in scores if s is not None]
+    failed = len(scores) - len(valid)
+    if not valid:
+        raise UserError(f"the judge gave no score to any of the {len(scores)} entries; scores stay null in {args.evaluate}")
+    print(f"mean score {sum(valid) / len(valid):.2f} over {len(valid)} entries"
+          + (f" ({failed} failed, not counted)" if failed else "") + f"; scores written to {args.evaluate}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=DATA, help="JSON list of {instruction, input, output}; downloaded when it is the default and missing")
+    p.add_argument("--init-from", default="gpt2-medium", help="size name, OpenAI model folder, .pt checkpoint, or 'scratch'")
+    p.add_argument("--n-layer", type=int, help="scratch only: number of blocks")
+    p.add_argument("--n-head", type=int, help="scratch only: attention heads")
+    p.add_argument("--n-embd", type=int, help="scratch only: width")
+    p.add_argument("--lora-rank", type=int, default=0, help="0 trains every weight; >0 trains only LoRA matrices of this rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale: the update is multiplied by alpha / rank")
+    p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the responses only")
+    p.add_argument("--max-length", type=int, help="truncate each example to this many tokens (default: the context window)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-interval", type=int, default=20, help="steps between evaluations")
+    p.add_argument("--eval-batches", type=int, default=5, help="batches per loss estimate")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer to the test instructions")
+    p.add_argument("--out", default="out/instruct.pt", help="checkpoint; the loss plot and answers go beside it")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=123, help="data split, shuffling, initialisation and the judge")
+    p.add_argument("--evaluate", metavar="RESPONSES", help="score this responses JSON with the Ollama judge instead of training")
+    p.add_argument("--ollama-url", default=OLLAMA_URL)
+    p.add_argument("--judge-model", default=JUDGE_MODEL)
+    args = p.parse_args()
+    for name in ("batch_size", "epochs", "eval_interval", "eval_batches", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lora_rank < 0 or args.max_steps < 0 or (args.max_length is not None and args.max_length < 1):
+        raise UserError("--lora-rank and --max-steps must be >= 0, --max-length >= 1")
+    if args.evaluate:
+        evaluate(args)
+    else:
+        finetune(args)
+
+
+if __name__ == "__main__":
+    run(main)
