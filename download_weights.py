@@ -29,7 +29,7 @@ PUBLISHED = {
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     parser.add_argument("--models-dir", default=MODELS_DIR, help="the files go to <models-dir>/<size>/")
     parser.add_argument("--base-url", default=BASE_URL, help="where the <size>/<file> URLs start")

@@ -1,0 +1,88 @@
+"""Continue a prompt with GPT-2, printing the text as it is generated.
+
+    python sample.py --prompt "Every effort moves you"
+    python sample.py --model gpt2-medium --temperature 0.7 --top-p 0.9 --num-samples 3
+    python sample.py --model out/instruct.pt --instruction "Rewrite the sentence in passive voice." --input "The chef cooked the meal."
+
+--model is a size name (its weights from download_weights.py), an OpenAI model folder or a
+checkpoint written by this project's scripts. A prompt longer than the model's context
+window is an error; the generated text itself may run past it (the window then slides).
+"""
+
+import argparse
+import os
+from itertools import takewhile
+
+import torch
+
+from common import MODELS_DIR, UserError, load_model, pick_device, run
+from gpt2 import Tokenizer, size_name
+
+
+def tokenizer_for(spec):
+    """An OpenAI folder has its own encoder.json (works offline); a .pt uses tiktoken's copy."""
+    if os.path.isfile(spec):
+        return Tokenizer()
+    return Tokenizer(spec if os.path.isdir(spec) else os.path.join(MODELS_DIR, size_name(spec)))
+
+
+def print_as_generated(ids, tokenizer):
+    """Print the text of token ids as they come. Everything so far is decoded each time, since
+    a character split over two tokens decodes as U+FFFD until its last byte arrives: a trailing
+    U+FFFD waits for the next token."""
+    seen, shown = [], ""
+    for i in ids:
+        seen.append(i)
+        text = tokenizer.decode(seen).rstrip("\ufffd")
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+    print(tokenizer.decode(seen)[len(shown):])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, ...), a folder or a .pt")
+    parser.add_argument("--prompt", default="Every effort moves you", help="the text to continue; empty = start a new document")
+    parser.add_argument("--instruction", help="answer this instruction instead (Alpaca prompt, as finetune_instruct.py trains)")
+    parser.add_argument("--input", default="", help="the input that goes with --instruction")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="length of each sample, in tokens")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = always the likeliest token")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (GPT-2's paper used 40); 0 = all")
+    parser.add_argument("--top-p", type=float, default=None, help="sample among the fewest tokens whose probabilities sum to p")
+    parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples of the same prompt, one after another")
+    parser.add_argument("--device", default="auto", help="auto = cuda, else mps, else cpu")
+    args = parser.parse_args()
+    if args.temperature < 0 or args.top_k < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
+        raise UserError("--temperature and --top-k must be >= 0, --max-new-tokens and --num-samples >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+
+    device = pick_device(args.device)
+    model = load_model(args.model).to(device)
+    tokenizer = tokenizer_for(args.model)
+    if args.instruction is not None:
+        from finetune_instruct import format_prompt  # the exact prompt the model was tuned on
+
+        prompt, eos_id = format_prompt({"instruction": args.instruction, "input": args.input}), tokenizer.eot_id
+    else:  # a base model: <|endoftext|> only separates documents, so keep going past it
+        prompt, eos_id = args.prompt, None
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]  # nothing to continue: begin a new document
+    if len(ids) > model.config.n_ctx:
+        raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's context window "
+                        f"({model.config.n_ctx}): shorten it")
+    idx = torch.tensor([ids], device=device)
+
+    torch.manual_seed(args.seed)
+    for i in range(args.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        if args.instruction is None:
+            print(args.prompt, end="", flush=True)
+        stream = (t.item() for t in model.stream(idx, args.max_new_tokens, args.temperature,
+                                                  args.top_k or None, args.top_p, eos_id))
+        print_as_generated(takewhile(lambda t: t != eos_id, stream), tokenizer)
+
+
+if __name__ == "__main__":
+    run(main)
