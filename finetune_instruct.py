@@ -59,6 +59,8 @@ def format_prompt(entry):
 
 def load_entries(path, required=("instruction", "output")):
     """A JSON list of objects whose `required` fields (and `input`, if present) are strings."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: expected a JSON list of entries with {', '.join(required)}")
     try:
         with open(path, encoding="utf-8") as f:
             entries = json.load(f)
@@ -340,7 +342,7 @@ def evaluate(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=DATA, help="JSON list of {instruction, input, output}; downloaded when it is the default and missing")
     p.add_argument("--init-from", default="gpt2-medium", help="size name, OpenAI model folder, .pt checkpoint, or 'scratch'")
     p.add_argument("--n-layer", type=int, help="scratch only: number of blocks")

@@ -167,3 +167,184 @@ def test_instruct_lora_trains_only_the_low_rank_matrices_and_merges_exactly():
         assert torch.equal(model.state_dict()[key], weight), key
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     assert (merged - instruct_logits(frozen, x)).abs().max() > 1e-3  # and it differs from the start
+
+
+# -----------------------------------------------------------------------------
+# The whole training path: tiny model from scratch, real data, a few steps.
+
+INSTRUCT_TINY = ("--init-from", "scratch", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--data", INSTRUCT_DATA,
+                 "--batch-size", 4, "--eval-batches", 1, "--max-new-tokens", 3, "--lr", 1e-3)
+
+
+def test_instruct_lora_run_saves_a_plain_checkpoint_plot_and_test_answers(tmp_path):
+    out = tmp_path / "instruct.pt"
+    r = instruct_script(*INSTRUCT_TINY, "--lora-rank", 4, "--lora-alpha", 8, "--mask-prompt", "--max-length", 128,
+                        "--max-steps", 3, "--eval-interval", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "935 train, 55 validation, 110 test" in r.stdout
+    C, L, V = 64, 2, 50257
+    lora = L * 4 * (4 * C + 2 * C + 5 * C + 5 * C)
+    total = V * C + 1024 * C + L * (12 * C * C + 13 * C) + 2 * C + lora  # + the LoRA matrices
+    assert f"trainable parameters: {lora:,} of {total:,}" in r.stdout
+    assert "step 2: train loss" in r.stdout and "step 3: train loss" in r.stdout  # every interval and the last step
+    model = GPT.from_pretrained(str(out))  # loads like any checkpoint: LoRA is merged away
+    assert (model.config.n_layer, model.config.n_embd) == (2, 64)
+    assert torch.load(out, weights_only=True)["step"] in (2, 3)
+    assert (tmp_path / "instruct-loss.png").stat().st_size > 0
+    responses = json.loads((tmp_path / "instruct-responses.json").read_text())
+    _, _, test = split(load_entries(INSTRUCT_DATA), seed=123)
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in responses] == test
+    assert all(isinstance(e["model_response"], str) for e in responses)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path):
+    out = tmp_path / "full.pt"
+    r = instruct_script(*INSTRUCT_TINY, "--max-steps", 8, "--eval-interval", 4, "--max-length", 96, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "full fine-tuning" in r.stdout and "(100.00%)" in r.stdout
+    val = [float(line.split("val loss ")[1].split(" ")[0].rstrip(",")) for line in r.stdout.splitlines()
+           if line.startswith("step ")]
+    assert len(val) == 2 and val[1] < val[0]
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 8 and abs(ckpt["val_loss"] - val[1]) < 1e-3
+    # The saved answers are the greedy continuations of the saved model, cut at end-of-text.
+    model, tok = GPT.from_checkpoint(str(out)), Tokenizer()
+    entry = json.loads((tmp_path / "full-responses.json").read_text())[0]
+    prompt = torch.tensor([tok.encode(format_prompt(entry))])
+    with torch.no_grad():
+        new = []
+        for _ in range(3):  # plain argmax over the full sequence, no KV cache
+            next_id = model(torch.cat([prompt, torch.tensor([new], dtype=torch.long)], dim=1))[0][0, -1].argmax().item()
+            if next_id == EOT:
+                break
+            new.append(next_id)
+    assert entry["model_response"] == tok.decode(new).strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--data", "missing.json"), "missing.json not found: expected a JSON list of entries with instruction, output"),
+    (("--max-length", 2000), "--max-length 2000 is longer than the model's context window (1024)"),
+    (("--lora-rank", -1), "--lora-rank"),
+])
+def test_instruct_bad_input_is_one_clear_line(tmp_path, args, message):
+    r = instruct_script(*INSTRUCT_TINY, "--out", tmp_path / "x.pt", *args)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_instruct_malformed_data_names_the_entry(tmp_path):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
+    r = instruct_script(*INSTRUCT_TINY, "--data", data, "--out", tmp_path / "x.pt")
+    assert r.returncode == 1 and "entry 1 needs the string fields instruction, output" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# The judge, against a fake Ollama server on 127.0.0.1 that speaks /api/chat.
+
+
+class InstructFakeOllama(BaseHTTPRequestHandler):
+    """POST /api/chat -> {"message": {"role": "assistant", "content": next reply}, "done": true};
+    a model other than the server's gets Ollama's 404 {"error": "model '...' not found"}."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server = self.server
+        server.requests.append((self.path, body))
+        if body["model"] != server.model:
+            status, reply = 404, {"error": f"model '{body['model']}' not found"}
+        else:
+            status, reply = 200, {"model": server.model, "message": {"role": "assistant", "content": server.replies.pop(0)},
+                                  "done": True}
+        data = json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def instruct_ollama():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), InstructFakeOllama)
+    server.model, server.replies, server.requests = "llama3", [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def instruct_responses(tmp_path, n):
+    path = tmp_path / "responses.json"
+    entries = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "now", "output": f"{i}.",
+                "model_response": f"answer {i}"} for i in range(n)]
+    path.write_text(json.dumps(entries))
+    return path, entries
+
+
+def instruct_judge(path, server, *args):
+    return instruct_script("--evaluate", path, "--ollama-url", f"http://127.0.0.1:{server.server_port}", *args,
+                           timeout=60)
+
+
+def test_instruct_judge_scores_each_answer_and_writes_the_mean(tmp_path, instruct_ollama):
+    path, entries = instruct_responses(tmp_path, 3)
+    instruct_ollama.replies = ["85", " 40\n", "100."]
+    r = instruct_judge(path, instruct_ollama, "--seed", 7)
+    assert r.returncode == 0, r.stderr
+    assert "entry 0: score 85" in r.stdout and "entry 1: score 40" in r.stdout and "entry 2: score 100" in r.stdout
+    assert "mean score 75.00 over 3 entries" in r.stdout
+    assert [e["score"] for e in json.loads(path.read_text())] == [85, 40, 100]
+    assert len(instruct_ollama.requests) == 3
+    for (url_path, body), entry in zip(instruct_ollama.requests, entries):
+        assert url_path == "/api/chat"
+        assert body["model"] == "llama3" and body["stream"] is False
+        assert body["options"] == {"temperature": 0, "seed": 7}
+        [message] = body["messages"]
+        assert message["role"] == "user"
+        for text in (format_prompt(entry), entry["output"], entry["model_response"], "0 to 100"):
+            assert text in message["content"]
+
+
+def test_instruct_judge_retries_a_non_number_then_counts_it_failed_not_zero(tmp_path, instruct_ollama):
+    path, _ = instruct_responses(tmp_path, 2)
+    tries = 1 + JUDGE_RETRIES
+    instruct_ollama.replies = ["Great answer!"] * tries + ["Score: none", "50"]
+    r = instruct_judge(path, instruct_ollama)
+    assert r.returncode == 0, r.stderr
+    assert f"entry 0: the judge's reply 'Great answer!' is not a score after {tries} tries: counted as failed" in r.stdout
+    assert "entry 1: score 50" in r.stdout
+    assert "mean score 50.00 over 1 entries (1 failed, not counted)" in r.stdout
+    assert [e["score"] for e in json.loads(path.read_text())] == [None, 50]
+    assert len(instruct_ollama.requests) == tries + 2
+    retry = instruct_ollama.requests[1][1]["messages"]  # the retry shows the judge its own reply
+    assert [m["role"] for m in retry] == ["user", "assistant", "user"] and retry[1]["content"] == "Great answer!"
+
+
+def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama):
+    path, _ = instruct_responses(tmp_path, 1)
+    instruct_ollama.replies = ["101"] * (1 + JUDGE_RETRIES)  # out of range is not a score either
+    r = instruct_judge(path, instruct_ollama)
+    assert r.returncode == 1 and "the judge gave no score to any of the 1 entries" in r.stderr
+    assert json.loads(path.read_text())[0]["score"] is None
+
+
+def test_instruct_judge_names_a_missing_model(tmp_path, instruct_ollama):
+    path, _ = instruct_responses(tmp_path, 1)
+    r = instruct_judge(path, instruct_ollama, "--judge-model", "nope")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "has no model 'nope' (model 'nope' not found): run `ollama pull nope`" in r.stderr
+
+
+def test_instruct_judge_says_when_the_server_is_unreachable(tmp_path):
+    path, _ = instruct_responses(tmp_path, 1)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = instruct_script("--evaluate", path, "--ollama-url", f"http://127.0.0.1:{port}", timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"cannot reach Ollama at http://127.0.0.1:{port}: start it with `ollama serve`" in r.stderr
