@@ -200,6 +200,7 @@ def main():
     p.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads")
     p.add_argument("--n-embd", type=int, help="with --init-from scratch: width")
     p.add_argument("--context-length", type=int, help="shorter context window (default: the model's own)")
+    p.add_argument("--dropout", type=float, help="dropout rate (default: the model's own, 0 for GPT-2)")
     p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -224,7 +225,7 @@ def main():
     print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    model = with_class_head(init_model(args.init_from, args.context_length, None, n_layer=args.n_layer,
+    model = with_class_head(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
                                        n_head=args.n_head, n_embd=args.n_embd))
     freeze_all_but(model, args.trainable_blocks)
     model.to(device)
