@@ -2,10 +2,12 @@
 
 The model reads a message, and the hidden state of its last token (the only position
 that has seen the whole message) goes through a new 2-way head: ham or spam. Only the
-last few blocks, the final layer norm and the head are trained.
+last few blocks, the final layer norm and the head are trained (a model from scratch
+trains everything).
 
     python finetune_spam.py --init-from gpt2                        # OpenAI's 124M weights
-    python finetune_spam.py --init-from scratch --n-layer 2 --n-head 4 --n-embd 128 --lr 1e-3
+    python finetune_spam.py --init-from scratch --n-layer 2 --n-head 4 --n-embd 128 --context-length 300 \
+        --trainable-blocks all --dropout 0.1 --lr 1e-3            # no weights needed: a minute on 2 CPU cores
     python finetune_spam.py --classify "You won a free cruise, call now"
 """
 
@@ -190,24 +192,24 @@ def print_report(report):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--classify", metavar="TEXT", help="print spam or ham for TEXT with the saved classifier, and stop")
     p.add_argument("--data", default=DATA_FILE, help="the SMSSpamCollection file (the default is downloaded if missing)")
     p.add_argument("--split-dir", default="data/sms-spam", help="where the train/validation/test split files go")
     p.add_argument("--out-dir", default="out/spam", help="classifier.pt, metrics.json and curves.png go here")
     p.add_argument("--init-from", default="gpt2", help="scratch, a GPT-2 size (gpt2, 124M, ...), a model folder or a train.py .pt")
-    p.add_argument("--n-layer", type=int, help="with --init-from scratch: number of blocks (default 124M's)")
-    p.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads")
-    p.add_argument("--n-embd", type=int, help="with --init-from scratch: width")
-    p.add_argument("--context-length", type=int, help="shorter context window (default: the model's own)")
-    p.add_argument("--dropout", type=float, help="dropout rate (default: the model's own, 0 for GPT-2)")
+    p.add_argument("--n-layer", type=int, help="with --init-from scratch: number of blocks (default: 124M's)")
+    p.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads (default: 124M's)")
+    p.add_argument("--n-embd", type=int, help="with --init-from scratch: width (default: 124M's)")
+    p.add_argument("--context-length", type=int, help="shorter context window (default: the model's own, 1024)")
+    p.add_argument("--dropout", type=float, help="dropout rate (default: the model's own, 0)")
     p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="on weight matrices only")
     p.add_argument("--seed", type=int, default=123, help="seeds the balanced split and the training")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     args = p.parse_args()
     checkpoint_path = os.path.join(args.out_dir, "classifier.pt")
     tokenizer = Tokenizer()
