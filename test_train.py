@@ -144,3 +144,13 @@ def test_train_bad_data_is_one_clear_line(tmp_path):
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
         assert r.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_train_default_data_offline_says_where_to_put_it(tmp_path):
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    r = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *TRAIN_TINY], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("error: could not download") and "data/the-verdict.txt" in last and "--data" in last
+    assert not (tmp_path / "data" / "the-verdict.txt").exists()
