@@ -183,7 +183,7 @@ def setup_distributed(device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file or a folder of .txt files "
                         "(the default is downloaded when missing)")
     parser.add_argument("--out-dir", default="out", help="where ckpt.pt (latest), best.pt (best validation loss) and loss.png go")
@@ -192,26 +192,26 @@ def main():
     parser.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt; its settings are the "
                         "defaults, flags given now override them")
     parser.add_argument("--eval-only", action="store_true", help="print the loss and perplexity on all of --data, then exit")
-    parser.add_argument("--n-layer", type=int, help="with --init-from scratch: number of blocks (default: 124M's)")
-    parser.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads (default: 124M's)")
-    parser.add_argument("--n-embd", type=int, help="with --init-from scratch: width (default: 124M's)")
+    parser.add_argument("--n-layer", type=int, help="with --init-from scratch: number of blocks; None: 124M's")
+    parser.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads; None: 124M's")
+    parser.add_argument("--n-embd", type=int, help="with --init-from scratch: width; None: 124M's")
     parser.add_argument("--context-length", type=int, default=256, help="tokens per window (a pretrained model is cut to it)")
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--dropout", type=float, default=0.1, help="during training only")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training windows")
     parser.add_argument("--max-iters", type=int, default=0, help="optimizer steps; 0: --epochs passes over the data")
     parser.add_argument("--batch-size", type=int, default=2, help="windows per optimizer step, over all processes")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (each process)")
     parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate")
-    parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default: --lr, no decay)")
-    parser.add_argument("--warmup-iters", type=int, default=0)
+    parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay; None: --lr (constant, as in the book)")
+    parser.add_argument("--warmup-iters", type=int, default=0, help="steps of linear warmup")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="on weight matrices only")
     parser.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0: no clipping")
     parser.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations; 0: once per epoch")
     parser.add_argument("--eval-batches", type=int, default=5, help="batches of each split per evaluation (the book's eval_iter)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--seed", type=int, default=123, help="for the initial weights, the shuffling and dropout")
     args = parser.parse_args()
     ckpt = None
     if args.resume:
