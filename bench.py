@@ -1,0 +1,375 @@
+"""Speed and memory of gpt2.py side by side with transformers' GPT-2, on the same random weights.
+
+Both models live in one process and take turns (ours, theirs, theirs, ours, ...), so a
+neighbour's load or a clock change hits both alike; every figure is a median after warm-up.
+Memory is measured in fresh processes, so one row's leftovers never show in another's peak.
+The machine's own limits are measured too: fp32 (bf16 on CUDA) matmul peak, and the memory
+bandwidth that bounds batch-1 generation, where every weight is read once per new token.
+
+    python bench.py                      # GPT-2 124M, the table in the README
+    python bench.py --reps 5 --device cuda
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import configure_optimizer, pick_device, run
+from gpt2 import GPT, GPTConfig, openai_name
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# transformers keeps these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in)
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MB = 1e6
+
+
+# -----------------------------------------------------------------------------
+# The two models, with the same weights.
+
+
+def make_models(n_layer, n_head, n_embd, seed):
+    """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel)."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # imported late: gpt2.py's loading row must not carry it
+
+    torch.manual_seed(seed)
+    ours = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
+    c = ours.config
+    theirs = GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    ))
+    theirs.load_state_dict({k: v.t() if k.endswith(TRANSPOSED) else v for k, v in ours.state_dict().items()})
+    return ours, theirs.eval()
+
+
+def train_step(model, opt, data, autocast):
+    """Forward, backward and an AdamW step on (B, T + 1) tokens: predict each next one."""
+    with autocast:
+        if isinstance(model, GPT):
+            loss = model(data[:, :-1], data[:, 1:])[1]
+        else:  # transformers shifts the labels itself
+            loss = model(input_ids=data[:, :-1], labels=data[:, :-1]).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def generate(model, idx, new_tokens, top_k, autocast):
+    """new_tokens greedy (top_k None) or top-k sampled tokens after idx, no early stop."""
+    with autocast:
+        if isinstance(model, GPT):
+            return model.generate(idx, new_tokens, temperature=0 if top_k is None else 1.0, top_k=top_k)
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(do_sample=top_k is not None, top_k=top_k, max_new_tokens=new_tokens,
+                                  eos_token_id=None, pad_token_id=model.config.eos_token_id)
+        return model.generate(idx, attention_mask=torch.ones_like(idx), generation_config=config)
+
+
+@torch.no_grad()
+def generate_without_cache(model, idx, new_tokens, autocast):
+    """nanoGPT's greedy loop: no KV cache, so every step runs the whole sequence again."""
+    with autocast:
+        for _ in range(new_tokens):
+            x = model.hidden_states(idx[:, -model.config.n_ctx:])
+            idx = torch.cat([idx, model.lm_head(x[:, -1]).argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+# -----------------------------------------------------------------------------
+# Timing and memory.
+
+
+def sync(device):
+    if device != "cpu":
+        getattr(torch, device).synchronize()  # GPU work is asynchronous: wait before reading the clock
+
+
+def timed(fns, args, desc):
+    """{name: fn} -> {name: median seconds}. Runs alternate, the order flipping each round."""
+    times = {name: [] for name in fns}
+    order = list(fns)
+    with tqdm(total=(args.warmup + args.reps) * len(fns), desc=desc, leave=False) as bar:
+        for i in range(args.warmup + args.reps):
+            for name in order if i % 2 == 0 else order[::-1]:
+                sync(args.device)
+                t0 = time.perf_counter()
+                fns[name]()
+                sync(args.device)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+                bar.update()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def rss(field="VmRSS"):
+    """This process's resident memory in bytes (Linux): VmRSS now, VmHWM the peak since reset_peak()."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: the peak (VmHWM) restarts from the current RSS
+
+
+def memory_now_and_peak(device):
+    if device == "cuda":
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    return rss("VmRSS"), rss("VmHWM")
+
+
+def phase_peak(which, phase, args_dict):
+    """Run in a fresh process: one phase (2 training steps, or a greedy generation) of one
+    model -> (memory before, peak during) in bytes: RSS on CPU, allocated memory on CUDA."""
+    args = argparse.Namespace(**args_dict)
+    ours, theirs = make_models(args.n_layer, args.n_head, args.n_embd, args.seed)
+    model = (ours if which == "ours" else theirs).to(args.device)
+    del ours, theirs
+    autocast = autocast_for(args.device)
+    torch.manual_seed(args.seed)
+    if phase == "train":
+        model.train()
+        opt = configure_optimizer(model, lr=1e-4, weight_decay=0.1)
+        data = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1), device=args.device)
+        step = lambda: train_step(model, opt, data, autocast)  # noqa: E731
+    else:
+        idx = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=args.device)
+        step = lambda: generate(model, idx, args.new_tokens, None, autocast)  # noqa: E731
+    before = memory_now_and_peak(args.device)[0]
+    reset_peak(args.device)
+    for _ in range(2 if phase == "train" else 1):  # AdamW's state appears in the first step: peak in the second
+        step()
+    return before, memory_now_and_peak(args.device)[1]
+
+
+def load_peak(which, folder):
+    """Run in a fresh process: load folder and read each weight once -> (seconds, RSS before, peak RSS) in bytes."""
+    # Import first what loading needs (TensorFlow reads OpenAI's files): libraries are not the loader's memory.
+    if which == "ours":
+        import tensorflow  # noqa: F401
+    else:
+        from transformers import GPT2LMHeadModel
+    before = rss()
+    reset_peak("cpu")
+    t0 = time.perf_counter()
+    model = GPT.from_pretrained(folder) if which == "ours" else GPT2LMHeadModel.from_pretrained(folder)
+    sum(p.sum() for p in model.parameters())  # read every weight: safetensors maps the file lazily
+    seconds = time.perf_counter() - t0
+    return seconds, before, rss("VmHWM")
+
+
+def in_fresh_process(fn, *fn_args):
+    """bench.fn(*fn_args) in a new Python process; returns what it returns (through JSON)."""
+    code = f"import json, bench; print(json.dumps(bench.{fn}(*{fn_args!r})))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.{fn}{fn_args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA (its matmuls and flash attention are fast there); plain fp32 elsewhere."""
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# The machine's limits.
+
+
+def matmul_peak(args):
+    """FLOP/s of a large square matmul, the best any layer can hope for."""
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # bf16 matmul is unusably slow on CPUs
+    n = 4096 if args.device == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
+    seconds = timed({"matmul": lambda: a @ b}, args, "matmul peak")["matmul"]
+    return 2 * n**3 / seconds, dtype
+
+
+def read_bandwidth(args):
+    """Bytes/s of summing 1 GiB of fp32: reading memory as batch-1 generation reads its weights."""
+    big = torch.ones(2**28, device=args.device)
+    seconds = timed({"sum": big.sum}, args, "memory bandwidth")["sum"]
+    return big.numel() * 4 / seconds
+
+
+# -----------------------------------------------------------------------------
+# The checkpoints that the loading rows read.
+
+
+def openai_arrays(model):
+    """(OpenAI's variable name, array) for each weight, in the shapes OpenAI's TensorFlow checkpoint has."""
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight":  # tied to wte
+            continue
+        tf_name = openai_name(name)
+        array = p.numpy()
+        yield tf_name, array.T[None] if tf_name.endswith("/w") else array  # (out, in) -> OpenAI's (1, in, out)
+
+
+def write_openai_checkpoint(model, folder):
+    """model's weights as an OpenAI release folder: hparams.json and model.ckpt.{index,data-*}."""
+    import tensorflow as tf
+
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    names, arrays = zip(*openai_arrays(model))
+    tf.raw_ops.SaveV2(prefix=os.path.join(tmp, "model.ckpt"), tensor_names=list(names),
+                      shape_and_slices=[""] * len(names), tensors=[tf.constant(a) for a in arrays])
+    c = model.config
+    with open(os.path.join(tmp, "hparams.json"), "w") as f:
+        json.dump({"n_vocab": c.vocab_size, "n_ctx": c.n_ctx, "n_embd": c.n_embd, "n_head": c.n_head,
+                   "n_layer": c.n_layer}, f, indent=2)
+    os.replace(tmp, folder)
+
+
+def checkpoints(ours, theirs, args):
+    """The same weights as OpenAI's TF checkpoint and as transformers' safetensors, written once
+    into the temp folder and kept for later runs -> (openai folder, transformers folder)."""
+    root = os.path.join(tempfile.gettempdir(), f"gpt2-bench-{args.n_layer}x{args.n_head}x{args.n_embd}-seed{args.seed}")
+    openai_dir, hf_dir = os.path.join(root, "openai"), os.path.join(root, "transformers")
+    if not os.path.isdir(openai_dir):
+        print(f"writing {openai_dir}", file=sys.stderr)
+        write_openai_checkpoint(ours, openai_dir)
+    if not os.path.isdir(hf_dir):
+        theirs.save_pretrained(hf_dir + ".tmp")
+        os.replace(hf_dir + ".tmp", hf_dir)
+    return openai_dir, hf_dir
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n-layer", type=int, default=12, help="model size (the defaults are GPT-2 124M)")
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--n-embd", type=int, default=768)
+    p.add_argument("--batch-size", type=int, default=4, help="training batch")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    p.add_argument("--prompt-len", type=int, default=32, help="generation prompt, batch 1")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
+    p.add_argument("--top-k", type=int, default=50, help="k of the top-k sampling row")
+    p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill row")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per row and model (the median is shown)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    args = p.parse_args()
+    args.device = pick_device(args.device)
+    if args.n_embd % args.n_head:
+        raise ValueError(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
+    if max(args.seq_len + 1, args.prompt_len + args.new_tokens, args.prefill) > GPTConfig.n_ctx:
+        raise ValueError(f"sequences must fit GPT-2's context of {GPTConfig.n_ctx} tokens")
+    dev, autocast = args.device, autocast_for(args.device)
+    rows = []  # (what, ours, theirs, ratio ours/theirs or None)
+
+    def row(what, ours, theirs="", ratio=None):
+        rows.append((what, ours, theirs, "" if ratio is None else f"{ratio:.2f}x"))
+
+    # The machine.
+    peak, mm_dtype = matmul_peak(args)
+    bandwidth = read_bandwidth(args)
+    ours, theirs = make_models(args.n_layer, args.n_head, args.n_embd, args.seed)
+    openai_dir, hf_dir = checkpoints(ours, theirs, args)  # before training changes the weights
+    ours, theirs = ours.to(dev), theirs.to(dev)
+    n_params = sum(p.numel() for p in ours.parameters())  # wte counted once: it is also lm_head
+    # Each new token reads every weight but wpe (one row of it) once: the bound batch-1 generation can't beat.
+    bytes_per_token = (n_params - ours.transformer.wpe.weight.numel()) * ours.lm_head.weight.element_size()
+    bound = bandwidth / bytes_per_token
+    row(f"{str(mm_dtype).removeprefix('torch.')} matmul peak ({dev}), GFLOP/s", f"{peak / 1e9:.0f}")
+    row("memory read bandwidth, GB/s", f"{bandwidth / 1e9:.1f}")
+    row(f"generation bound: bandwidth / {bytes_per_token / MB:.0f} MB of weights, tokens/s", f"{bound:.1f}")
+
+    # Both must compute the same function, or the comparison means nothing.
+    x = torch.randint(0, ours.config.vocab_size, (1, 64), device=dev)
+    with torch.no_grad():
+        diff = (ours(x)[0] - theirs(x).logits).abs().max().item()
+    if diff > 1e-3:
+        raise RuntimeError(f"the two models disagree (max logit difference {diff:.2g}): the weights did not map over")
+
+    # 1. Training.
+    ours.train(), theirs.train()
+    opts = {m: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for m in (ours, theirs)}
+    data = torch.randint(0, ours.config.vocab_size, (args.batch_size, args.seq_len + 1), device=dev)
+    t = timed({m: (lambda m=m: train_step(m, opts[m], data, autocast)) for m in (ours, theirs)}, args, "training")
+    del opts
+    ours.eval(), theirs.eval()
+    tokens = args.batch_size * args.seq_len
+    c = ours.config
+    # nanoGPT's count: 6 FLOPs per weight per token (forward 2, backward 4), plus attention's T x T matmuls
+    flops = 6 * (n_params - ours.transformer.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * args.seq_len
+    a, b = tokens / t[ours], tokens / t[theirs]
+    row(f"training step (fwd + bwd + AdamW), {args.batch_size} x {args.seq_len}, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
+    row("training, GFLOP/s (share of matmul peak)", f"{a * flops / 1e9:.1f} ({a * flops / peak:.0%})",
+        f"{b * flops / 1e9:.1f} ({b * flops / peak:.0%})", a / b)
+
+    # 2. Generation, batch 1.
+    idx = torch.randint(0, c.vocab_size, (1, args.prompt_len), device=dev)
+    n = args.new_tokens
+    greedy = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, theirs)}, args, "greedy")
+    topk = timed({m: (lambda m=m: generate(m, idx, n, args.top_k, autocast)) for m in (ours, theirs)}, args, "top-k")
+    slow = argparse.Namespace(**{**vars(args), "warmup": 0})  # warm already, and each run is long
+    nocache = timed({ours: lambda: generate_without_cache(ours, idx, n, autocast)}, slow, "no KV cache")[ours]
+    a, b = n / greedy[ours], n / greedy[theirs]
+    row(f"generation, greedy, {args.prompt_len} + {n} tokens, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
+    row("generation, greedy, share of the bandwidth bound", f"{a / bound:.0%}", f"{b / bound:.0%}", a / b)
+    row(f"generation, top-k {args.top_k}, tokens/s", f"{n / topk[ours]:.1f}", f"{n / topk[theirs]:.1f}",
+        topk[theirs] / topk[ours])
+    row("generation, greedy, no KV cache (nanoGPT's loop), tokens/s", f"{n / nocache:.1f}")
+    row("KV cache speed-up, greedy", f"{nocache / greedy[ours]:.1f}x")
+
+    # 3. Prefill: the prompt goes through the model once, filling the KV cache, then one token comes out.
+    long = torch.randint(0, c.vocab_size, (1, args.prefill), device=dev)
+    t = timed({m: (lambda m=m: generate(m, long, 1, None, autocast)) for m in (ours, theirs)}, args, "prefill")
+    row(f"prefill, {args.prefill} tokens, tokens/s", f"{args.prefill / t[ours]:.0f}",
+        f"{args.prefill / t[theirs]:.0f}", t[theirs] / t[ours])
+
+    # 4. Loading, each in a fresh process: ours from OpenAI's TF checkpoint, theirs from their own format.
+    del ours, theirs
+    size = sum(os.path.getsize(os.path.join(openai_dir, f)) for f in os.listdir(openai_dir))
+    loads = {"ours": [], "theirs": []}
+    for i in tqdm(range(args.reps), desc="loading", leave=False):
+        for which in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
+            loads[which].append(in_fresh_process("load_peak", which, openai_dir if which == "ours" else hf_dir))
+    (sa, ba, pa), (sb, bb, pb) = ([statistics.median(v) for v in zip(*loads[w])] for w in ("ours", "theirs"))
+    row(f"loading {size / MB:.0f} MB of weights (ours: OpenAI TF checkpoint; theirs: safetensors), s",
+        f"{sa:.2f}", f"{sb:.2f}", sa / sb)
+    row("loading, peak RSS of the whole process, MB", f"{pa / MB:.0f}", f"{pb / MB:.0f}", pa / pb)
+    row("loading, peak RSS over the process before loading, MB (x checkpoint size)",
+        f"{(pa - ba) / MB:.0f} ({(pa - ba) / size:.2f}x)", f"{(pb - bb) / MB:.0f} ({(pb - bb) / size:.2f}x)",
+        (pa - ba) / (pb - bb))
+
+    # 5. Peak memory of training and generation, each in a fresh process.
+    kind = "allocated" if dev == "cuda" else "RSS"
+    for phase, what in (("train", f"training step {args.batch_size} x {args.seq_len}"), ("generate", "greedy generation")):
+        grow = {}
+        for which in tqdm(("ours", "theirs"), desc=f"{phase} memory", leave=False):
+            before, peak_bytes = in_fresh_process("phase_peak", which, phase, vars(args))
+            grow[which] = peak_bytes - before
+        row(f"{what}, peak {kind} over the model's own, MB", f"{grow['ours'] / MB:.0f}",
+            f"{grow['theirs'] / MB:.0f}", grow["ours"] / grow["theirs"])
+
+    print(f"GPT-2 {args.n_layer} layers x {args.n_embd} ({n_params / 1e6:.1f}M parameters), random weights, {dev}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
+    print("\n| measurement | gpt2.py | transformers | gpt2.py / transformers |\n| --- | ---: | ---: | ---: |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    run(main)
