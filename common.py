@@ -1,17 +1,26 @@
-"""What every script around gpt2.py needs: one-line errors, a device, atomic files,
+"""What every script around gpt2.py needs: --help, one-line errors, a device, atomic files,
 downloads that resume, loading a model by name, and plots. gpt2.py needs none of it."""
 
+import argparse
+import json
 import os
 import sys
 import time
+from dataclasses import asdict, replace
 
 import torch
-
-from dataclasses import asdict, replace
 
 from gpt2 import GPT, GPTConfig, size_name
 
 MODELS_DIR = "models"  # download_weights.py puts OpenAI's checkpoints in models/<size>/
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default, and the script's docstring with its example commands as written."""
+
+
+def argument_parser(doc):
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
 class UserError(Exception):
@@ -47,6 +56,14 @@ def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    """JSON to a temporary name, then rename."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
 
 
 def load_model(spec):

@@ -7,10 +7,9 @@ checked against its published size and only then renamed into place. Files alrea
 complete are skipped, so running the command again finishes an interrupted download.
 """
 
-import argparse
 import os
 
-from common import MODELS_DIR, download, run
+from common import MODELS_DIR, argument_parser, download, run
 from gpt2 import size_name
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
@@ -29,7 +28,7 @@ PUBLISHED = {
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     parser.add_argument("--models-dir", default=MODELS_DIR, help="the files go to <models-dir>/<size>/")
     parser.add_argument("--base-url", default=BASE_URL, help="where the <size>/<file> URLs start")

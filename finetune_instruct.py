@@ -10,7 +10,6 @@ Training writes the best checkpoint (a plain GPT checkpoint: LoRA is merged into
 weights), a loss plot, and the model's answers to the test split beside the references.
 """
 
-import argparse
 import copy
 import json
 import math
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import UserError, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
+from common import UserError, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT, Tokenizer
 
 DATA = "data/instruction-data.json"
@@ -191,14 +190,6 @@ def respond(model, tokenizer, entry, max_new_tokens, device):
     return tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eot_id else new).strip()
 
 
-def write_json(obj, path):
-    """JSON to a temporary name, then rename."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
-
-
 def finetune(args):
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
@@ -342,7 +333,7 @@ def evaluate(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--data", default=DATA, help="JSON list of {instruction, input, output}; downloaded when it is the default and missing")
     p.add_argument("--init-from", default="gpt2-medium", help="size name, OpenAI model folder, .pt checkpoint, or 'scratch'")
     p.add_argument("--n-layer", type=int, help="scratch only: number of blocks")

@@ -11,8 +11,6 @@ trains everything).
     python finetune_spam.py --classify "You won a free cruise, call now"
 """
 
-import argparse
-import json
 import os
 import random
 import time
@@ -23,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import UserError, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
+from common import UserError, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT, GPTConfig, Tokenizer
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -192,7 +190,7 @@ def print_report(report):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--classify", metavar="TEXT", help="print spam or ham for TEXT with the saved classifier, and stop")
     p.add_argument("--data", default=DATA_FILE, help="the SMSSpamCollection file (the default is downloaded if missing)")
     p.add_argument("--split-dir", default="data/sms-spam", help="where the train/validation/test split files go")
@@ -265,9 +263,7 @@ def main():
     print(f"best epoch {best['epoch']}, saved in {checkpoint_path}")
     print_report(report)
     metrics_path = os.path.join(args.out_dir, "metrics.json")
-    with open(metrics_path + ".tmp", "w") as f:
-        json.dump({**report, "history": history, "args": vars(args)}, f, indent=2)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    write_json({**report, "history": history, "args": vars(args)}, metrics_path)
     epochs = [h["epoch"] for h in history]
     curves = {quantity: {name: (epochs, [h[name][quantity] for h in history]) for name in ("train", "validation")}
               for quantity in ("loss", "accuracy")}

@@ -9,13 +9,12 @@ checkpoint written by this project's scripts. A prompt longer than the model's c
 window is an error; the generated text itself may run past it (the window then slides).
 """
 
-import argparse
 import os
 from itertools import takewhile
 
 import torch
 
-from common import MODELS_DIR, UserError, load_model, pick_device, run
+from common import MODELS_DIR, UserError, argument_parser, load_model, pick_device, run
 from gpt2 import Tokenizer, size_name
 
 
@@ -40,7 +39,7 @@ def print_as_generated(ids, tokenizer):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, ...), a folder or a .pt")
     parser.add_argument("--prompt", default="Every effort moves you", help="the text to continue; empty = start a new document")
     parser.add_argument("--instruction", help="answer this instruction instead (Alpaca prompt, as finetune_instruct.py trains)")

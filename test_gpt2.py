@@ -2,10 +2,8 @@
 GPT-2, and OpenAI's own checkpoint index. Real data comes from ../shared/data."""
 
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -11,7 +11,6 @@ The text is tokenized once (cached beside it), split by tokens: the first 90% tr
 last 10% validate, each cut into windows of context_length tokens with stride context_length.
 """
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import UserError, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
+from common import UserError, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
 
 DEFAULT_DATA = "data/the-verdict.txt"
@@ -183,7 +182,7 @@ def setup_distributed(device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file or a folder of .txt files "
                         "(the default is downloaded when missing)")
     parser.add_argument("--out-dir", default="out", help="where ckpt.pt (latest), best.pt (best validation loss) and loss.png go")
