@@ -298,14 +298,15 @@ class GPT(nn.Module):
         model, ckpt = cls._openai_model(path)
         import tensorflow as tf  # only needed here, to read OpenAI's files
 
+        reader = tf.train.load_checkpoint(ckpt)
         params = model.state_dict()
         expected = {openai_name(name): name for name in params if name != "lm_head.weight"}  # tied to wte
-        found = dict(tf.train.list_variables(ckpt))
+        found = reader.get_variable_to_shape_map()
         if set(found) != set(expected):
             missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
             raise ValueError(f"{ckpt} does not match a GPT-2 of this size: missing {missing[:3]}, unexpected {extra[:3]}")
         for tf_name, name in expected.items():
-            array = tf.train.load_variable(ckpt, tf_name)
+            array = reader.get_tensor(tf_name)
             if tf_name.endswith("/w"):  # OpenAI stores linear layers as 1x1 convolutions: (1, in, out)
                 array = array.squeeze(0).T  # -> (out, in), as nn.Linear keeps them
             if tuple(array.shape) != tuple(params[name].shape):
@@ -326,7 +327,16 @@ class GPT(nn.Module):
             hp = json.load(f)
         config = GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"],
                            n_head=hp["n_head"], n_layer=hp["n_layer"])
-        return cls(config), ckpt
+        return cls.empty(config), ckpt
+
+    @classmethod
+    def empty(cls, config):
+        """A model whose weights are about to be overwritten: skips drawing random ones (seconds for big models)."""
+        with torch.device("meta"):  # shapes only, no memory
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty gave each its own tensor: tie them again
+        return model
 
     @classmethod
     def from_checkpoint(cls, path):
@@ -334,7 +344,7 @@ class GPT(nn.Module):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
             raise ValueError(f"{path} is not a checkpoint written by this project (no config and model)")
-        model = cls(GPTConfig(**ckpt["config"]))
+        model = cls.empty(GPTConfig(**ckpt["config"]))
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
