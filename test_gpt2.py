@@ -1,15 +1,40 @@
 """Tests against references nobody here wrote: tiktoken, Hugging Face transformers'
 GPT-2, and OpenAI's own checkpoint index. Real data comes from ../shared/data."""
 
+import csv
 import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import tiktoken
 import torch
+from torch.nn import functional as F
 
+import bench
+import common
+import download_weights
+import finetune_spam as fs
+from common import UserError, configure_optimizer, download, save_atomic
+from finetune_instruct import (
+    IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, format_prompt, load_entries, merge_lora, split,
+)
 from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, openai_name, sample_next, size_name
+from train import load_tokens
 
-SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parent  # the project
+SHARED = ROOT.parent / "shared" / "data"  # real data, kept outside the project
+ENV = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken-cache"), "PYTHONIOENCODING": "utf-8"}
 OPENAI_124M = SHARED / "gpt2-124M"  # the real index and hparams, without the weights file
 TINY = dict(vocab_size=96, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
 LINEAR_LAYERS = ("c_attn", "c_proj", "c_fc")  # nn.Linear here, Conv1D (weights transposed) in transformers
@@ -28,6 +53,12 @@ def hf_twin(model):
              for k, v in model.state_dict().items()}
     hf.load_state_dict(state, strict=False)  # strict=False: transformers keeps no copy of the tied lm_head
     return hf.eval()
+
+
+def run_script(name, *args, cwd=ROOT, env=ENV, timeout=300):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, encoding="utf-8", timeout=timeout)
 
 
 def tiny_model(seed=0, **overrides):
@@ -314,3 +345,997 @@ def test_checkpoint_of_another_shape(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint written by this project"):
         GPT.from_pretrained(str(tmp_path / "other.pt"))
+
+
+# =============================================================================
+# download_weights.py (against a server on 127.0.0.1) and sample.py
+
+
+# -----------------------------------------------------------------------------
+# download_weights.py and common.download, against a server on 127.0.0.1
+
+
+class _DlHandler(BaseHTTPRequestHandler):
+    """Serves server.files {path: bytes}, honouring "Range: bytes=N-" unless server.ignore_range.
+    A path in server.cut_once is sent only half through, once: the connection drops mid-file."""
+
+    def do_GET(self):
+        srv = self.server
+        srv.requests.append((self.path, self.headers.get("Range")))
+        body = srv.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and not srv.ignore_range:
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if self.path in srv.cut_once:
+            srv.cut_once.discard(self.path)
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def dl_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _DlHandler)
+    srv.files, srv.requests, srv.cut_once, srv.ignore_range = {}, [], set(), False
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def dl_no_wait(monkeypatch):
+    monkeypatch.setattr(common, "RETRY_WAIT", 0.0)
+
+
+def _dl_release(size):
+    """The files of a release as the server holds them: the real tokenizer files, and for 124M
+    the real small checkpoint files; anything else is made-up bytes."""
+    real = {name: (SHARED / "gpt2-124M" / name).read_bytes() for name in ("encoder.json", "vocab.bpe")}
+    if size == "124M":
+        real |= {name: (SHARED / "gpt2-124M" / name).read_bytes()
+                 for name in ("checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.meta")}
+    fake = {name: os.urandom(1000 + 37 * i) for i, name in enumerate(download_weights.FILES)}
+    return {f"/{size}/{name}": real.get(name, fake[name]) for name in download_weights.FILES}
+
+
+def test_dl_sizes_table_names_every_file():
+    for sizes in download_weights.PUBLISHED.values():
+        assert set(sizes) <= set(download_weights.FILES)
+    assert set(download_weights.PUBLISHED) == {"124M", "355M", "774M", "1558M"}
+    # the real 124M files in shared/data have the sizes the table gives
+    for name, n in {**download_weights.SAME_FOR_ALL, **download_weights.PUBLISHED["124M"]}.items():
+        if (SHARED / "gpt2-124M" / name).exists():
+            assert (SHARED / "gpt2-124M" / name).stat().st_size == n, name
+
+
+def test_dl_interrupted_transfer_resumes_with_range(dl_server, dl_no_wait, tmp_path, monkeypatch, capsys):
+    """124M with the real small files (only the data file's published size is shrunk to a fake
+    one): model.ckpt.meta drops half way, the retry asks for the rest and the file comes out whole."""
+    dl_server.files = _dl_release("124M")
+    data = "model.ckpt.data-00000-of-00001"
+    monkeypatch.setitem(download_weights.PUBLISHED, "124M",
+                        {**download_weights.PUBLISHED["124M"], data: len(dl_server.files[f"/124M/{data}"])})
+    dl_server.cut_once = {"/124M/model.ckpt.meta"}
+    monkeypatch.setattr(sys, "argv", ["download_weights.py", "--model", "gpt2",
+                                      "--models-dir", str(tmp_path), "--base-url", dl_server.url])
+    download_weights.main()
+    for path, body in dl_server.files.items():
+        assert (tmp_path / path.lstrip("/")).read_bytes() == body, path
+    meta_requests = [r for p, r in dl_server.requests if p == "/124M/model.ckpt.meta"]
+    assert len(meta_requests) == 2 and meta_requests[0] is None
+    resumed_at = int(meta_requests[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= len(dl_server.files["/124M/model.ckpt.meta"]) // 2  # the bytes it had kept
+    assert "retry 1/2" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_dl_cut_then_next_run_resumes(dl_server, dl_no_wait, tmp_path):
+    """A run that gives up leaves its .part; the next run fetches only the missing bytes."""
+    body = os.urandom(300_000)
+    dl_server.files = {"/f": body}
+    dl_server.cut_once = {"/f"}
+    dest = str(tmp_path / "f")
+    with pytest.raises(UserError, match="run again"):
+        download(dl_server.url + "/f", dest, size=len(body), retries=1)
+    kept = os.path.getsize(dest + ".part")
+    assert 0 < kept <= len(body) // 2 and not os.path.exists(dest)
+    download(dl_server.url + "/f", dest, size=len(body), retries=1)
+    assert Path(dest).read_bytes() == body and not os.path.exists(dest + ".part")
+    assert dl_server.requests[-1] == ("/f", f"bytes={kept}-")
+
+
+def test_dl_server_ignoring_range_starts_over(dl_server, dl_no_wait, tmp_path):
+    body = os.urandom(300_000)
+    dl_server.files, dl_server.cut_once, dl_server.ignore_range = {"/f": body}, {"/f"}, True
+    dest = str(tmp_path / "f")
+    download(dl_server.url + "/f", dest)  # no size given: the server's Content-Length is checked
+    assert Path(dest).read_bytes() == body
+    assert len(dl_server.requests) == 2 and dl_server.requests[1][1].startswith("bytes=")  # asked, got 200
+
+
+def test_dl_unknown_size_checked_against_content_length(dl_server, dl_no_wait, tmp_path):
+    body = os.urandom(300_000)
+    dl_server.files = {"/f": body}
+    dl_server.cut_once = {"/f"}
+    dest = str(tmp_path / "f")
+    with pytest.raises(UserError, match="could not download"):
+        download(dl_server.url + "/f", dest, retries=1)
+    assert not os.path.exists(dest)
+
+
+def test_dl_whole_part_is_renamed_without_a_request(dl_server, tmp_path):
+    dest = tmp_path / "f"
+    Path(str(dest) + ".part").write_bytes(b"x" * 100)
+    download(dl_server.url + "/f", str(dest), size=100)
+    assert dest.read_bytes() == b"x" * 100 and dl_server.requests == []
+
+
+def test_dl_ensure_file(dl_server, dl_no_wait, tmp_path):
+    dl_server.files = {"/f": b"hello"}
+    path = tmp_path / "sub" / "f"
+    assert common.ensure_file(str(path), dl_server.url + "/f") == str(path) and path.read_bytes() == b"hello"
+    n = len(dl_server.requests)
+    common.ensure_file(str(path), dl_server.url + "/f")  # there already: no request
+    assert len(dl_server.requests) == n
+    with pytest.raises(UserError, match=f"put the file at {tmp_path / 'g'} yourself"):
+        common.ensure_file(str(tmp_path / "g"), dl_server.url + "/missing")  # 404
+    assert not list(tmp_path.glob("g*"))
+
+
+def test_dl_script_downloads_then_skips(dl_server, tmp_path):
+    """774M: the tokenizer files are checked against their published sizes, the rest against
+    Content-Length; a second run requests nothing."""
+    dl_server.files = _dl_release("774M")
+    args = ["--model", "gpt2-large", "--models-dir", tmp_path, "--base-url", dl_server.url]
+    r = run_script("download_weights.py", *args)
+    assert r.returncode == 0, r.stderr
+    for path, body in dl_server.files.items():
+        assert (tmp_path / path.lstrip("/")).read_bytes() == body, path
+    n = len(dl_server.requests)
+    r = run_script("download_weights.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("complete, skipped") == 7 and len(dl_server.requests) == n
+
+
+def test_dl_script_refuses_wrong_size(dl_server, tmp_path):
+    dl_server.files = _dl_release("774M")
+    dl_server.files["/774M/vocab.bpe"] = dl_server.files["/774M/vocab.bpe"][:-10]  # truncated on the server
+    r = run_script("download_weights.py", "--model", "774M", "--models-dir", tmp_path, "--base-url", dl_server.url)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # above it: the progress bars of the files before
+    assert last.startswith("error: ") and "published size is 456,318" in last
+    folder = tmp_path / "774M"
+    assert not (folder / "vocab.bpe").exists() and not (folder / "vocab.bpe.part").exists()
+    assert (folder / "encoder.json").exists()  # the files before it were fine
+
+
+def test_dl_script_unreachable_server(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_script("download_weights.py", "--models-dir", tmp_path, "--base-url", f"http://127.0.0.1:{port}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not download") and "check your connection" in last
+    assert not list(tmp_path.rglob("checkpoint*"))
+
+
+def test_dl_script_unknown_model(tmp_path):
+    r = run_script("download_weights.py", "--model", "gpt3", "--models-dir", tmp_path)
+    assert r.returncode == 1 and "unknown model size 'gpt3'" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# sample.py, on a tiny train.py-style checkpoint
+
+SAMPLE_PROMPT = "Every effort moves you"
+
+
+@pytest.fixture(scope="module")
+def sample_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_ctx=64, n_embd=64, n_head=4, n_layer=2)).eval()
+    path = str(tmp_path_factory.mktemp("sample") / "tiny.pt")
+    save_atomic(model.checkpoint(step=0), path)
+    return model, path
+
+
+def _sample(path, *args, cwd=ROOT):
+    return run_script("sample.py", "--model", path, "--device", "cpu", *args, cwd=cwd)
+
+
+def test_sample_same_seed_same_text(sample_ckpt):
+    _, path = sample_ckpt
+    runs = [_sample(path, "--seed", seed, "--num-samples", 2, "--max-new-tokens", 12) for seed in (7, 7, 8)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout != runs[2].stdout
+    first, second = runs[0].stdout.split("\n" + "-" * 40 + "\n")
+    assert first.startswith(SAMPLE_PROMPT) and second.startswith(SAMPLE_PROMPT) and first != second
+
+
+def test_sample_greedy_equals_generate(sample_ckpt):
+    """--temperature 0 prints the prompt and then exactly what model.generate decodes to, here
+    past the 64-token window."""
+    model, path = sample_ckpt
+    prompt = SAMPLE_PROMPT + " to the end of the road, and further"
+    r = _sample(path, "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 60)
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer()
+    ids = tok.encode(prompt)
+    out = model.generate(torch.tensor([ids]), 60, temperature=0)
+    assert r.stdout == prompt + tok.decode(out[0, len(ids):].tolist()) + "\n"
+
+
+def test_sample_prints_characters_split_over_tokens_whole(capsys):
+    from sample import print_as_generated
+
+    tok = Tokenizer()
+    text = "naïve 🙂 café 你好 👍🏽"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(len(ids)))  # some tokens end mid-character
+    print_as_generated(iter(ids), tok)
+    assert capsys.readouterr().out == text + "\n"  # a U+FFFD once printed would stay in the output
+
+
+def test_sample_instruction_uses_the_alpaca_prompt(sample_ckpt):
+    """--instruction: the prompt is format_prompt(entry) and only the response is printed."""
+    from finetune_instruct import format_prompt
+
+    model, path = sample_ckpt
+    entry = {"instruction": "Rewrite the sentence in passive voice.", "input": "The chef cooked the meal."}
+    r = _sample(path, "--instruction", entry["instruction"], "--input", entry["input"],
+                "--temperature", 0, "--max-new-tokens", 10)
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer()
+    ids = tok.encode(format_prompt(entry))
+    out = model.generate(torch.tensor([ids]), 10, temperature=0, eos_id=tok.eot_id)
+    assert tok.eot_id not in out[0, len(ids):]  # (this random model never ends: see the next test)
+    assert r.stdout == tok.decode(out[0, len(ids):].tolist()) + "\n"
+
+
+def test_sample_instruction_stops_at_end_of_text(sample_ckpt, tmp_path):
+    """A model rigged to answer " Yes" and then <|endoftext|>: sample.py prints " Yes" alone."""
+    tok = Tokenizer()
+    yes, eot = tok.encode(" Yes")[0], tok.eot_id
+    model = GPT(sample_ckpt[0].config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        # Zero blocks leave each position's vector as its token's embedding: zero for all but
+        # " Yes" (e0) and <|endoftext|> (e1). After any other token ln_f gives its bias e0, so
+        # " Yes" scores highest; after " Yes" the weights below turn e0 into mostly +e1: end.
+        model.transformer.wte.weight[yes, 0] = model.transformer.wte.weight[eot, 1] = 1.0
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.ln_f.weight[0], model.transformer.ln_f.weight[1] = -1.0, -100.0
+    path = str(tmp_path / "yes.pt")
+    save_atomic(model.checkpoint(), path)
+    assert tok.decode(model.generate(torch.tensor([[0]]), 4, temperature=0)[0, 1:].tolist()) == " Yes<|endoftext|>" * 2
+    r = _sample(path, "--instruction", "Is the sky blue?", "--temperature", 0, "--max-new-tokens", 20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == " Yes\n"
+
+
+def test_sample_tokenizer_of_an_openai_folder(sample_ckpt, tmp_path, monkeypatch):
+    """A size name or folder reads the folder's encoder.json (offline); a .pt uses tiktoken's."""
+    import tiktoken
+    from sample import tokenizer_for
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "124M").symlink_to(SHARED / "gpt2-124M")
+    monkeypatch.chdir(tmp_path)
+    text = "Every effort moves you, naïvely 🙂"
+    for spec in ("gpt2", str(SHARED / "gpt2-124M")):
+        tok = tokenizer_for(spec)
+        assert tok.enc is not tiktoken.get_encoding("gpt2") and tok.encode(text) == Tokenizer().encode(text)
+    assert tokenizer_for(sample_ckpt[1]).enc is tiktoken.get_encoding("gpt2")
+
+
+def test_sample_prompt_longer_than_context(sample_ckpt):
+    _, path = sample_ckpt
+    prompt = "word " * 100
+    r = _sample(path, "--prompt", prompt)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    n = len(Tokenizer().encode(prompt))
+    assert f"the prompt is {n} tokens, longer than the model's context window (64)" in r.stderr
+
+
+def test_sample_missing_model_names_the_download_command(tmp_path):
+    r = run_script("sample.py", "--model", "gpt2", cwd=tmp_path)  # no models/ here
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "python download_weights.py --model 124M" in r.stderr
+
+
+def test_sample_bad_option(sample_ckpt):
+    r = _sample(sample_ckpt[1], "--top-p", 1.5)
+    assert r.returncode == 1 and "error: --top-p must be in (0, 1]" in r.stderr
+
+
+def test_scripts_help():
+    for script in ("sample.py", "download_weights.py"):
+        r = run_script(script, "--help")
+        assert r.returncode == 0 and "(default: " in r.stdout, script
+
+
+# =============================================================================
+# train.py: tiny runs on the real the-verdict.txt
+
+
+TRAIN_ROOT = Path(__file__).resolve().parent  # the project
+SHARED = ROOT.parent / "shared" / "data"  # real data, kept outside the project
+ENV = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken-cache"), "PYTHONIOENCODING": "utf-8"}
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+TRAIN_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length", "32"]
+
+
+def train_verdict(tmp_path):
+    """A copy of the real the-verdict.txt in tmp_path (its token cache is written beside it)."""
+    return shutil.copy(SHARED / "the-verdict.txt", tmp_path / "the-verdict.txt")
+
+
+def train_cmd(data, out, *args, launcher=(sys.executable,)):
+    return [*launcher, str(TRAIN_SCRIPT), "--data", str(data), "--out-dir", str(out), *TRAIN_TINY, *args]
+
+
+def train_run(data, out, *args, launcher=(sys.executable,)):
+    r = subprocess.run(train_cmd(data, out, *args, launcher=launcher), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def train_load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_train_tiny_learns_and_reports_true_losses(tmp_path):
+    data, out = train_verdict(tmp_path), tmp_path / "out"
+    r = train_run(data, out, "--max-iters", "40", "--batch-size", "4", "--lr", "3e-3", "--eval-interval", "20",
+                  "--dropout", "0")
+    ckpt = train_load(out / "ckpt.pt")
+    hist = ckpt["history"]
+    assert ckpt["step"] == 40 and hist["step"] == [0, 20, 40] and len(hist["loss"]) == 40
+    assert abs(hist["val"][0] - math.log(50257)) < 0.3  # untrained: about uniform over the vocabulary
+    assert hist["val"][-1] < hist["val"][0] - 2.5
+    assert "Every effort moves you" in r.stdout and "val loss" in r.stdout
+
+    # The final validation loss, recomputed here from tiktoken's ids: last 10% of tokens, windows of 32, stride 32.
+    ids = tiktoken.get_encoding("gpt2").encode(data.read_text(encoding="utf-8"))
+    val = ids[int(0.9 * len(ids)):]
+    windows = torch.tensor([val[i:i + 33] for i in range(0, len(val) - 32, 32)])
+    model = GPT.from_pretrained(str(out / "ckpt.pt"))
+    with torch.no_grad():
+        logits, _ = model(windows[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert len(windows) == 16 and abs(loss - hist["val"][-1]) < 1e-4
+
+    best = train_load(out / "best.pt")  # the best validation loss so far is the last one here
+    assert best["step"] == 40 and abs(best["val_loss"] - min(hist["val"])) < 1e-9
+    png = (out / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+    r = run_script("train.py", "--eval-only", "--init-from", out / "ckpt.pt", "--data", data, "--context-length", 32)
+    assert r.returncode == 0, r.stderr[-3000:]
+    all_windows = torch.tensor([ids[i:i + 33] for i in range(0, len(ids) - 32, 32)])
+    with torch.no_grad():
+        logits, _ = model(all_windows[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), all_windows[:, 1:].flatten()).item()
+    assert f"{len(all_windows)} windows of 32 tokens, loss {loss:.4f}" in r.stdout
+
+
+def test_train_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
+    data = train_verdict(tmp_path)
+    args = ["--max-iters", "60", "--batch-size", "2", "--eval-interval", "5", "--dropout", "0.1"]
+    train_run(data, tmp_path / "straight", *args)
+
+    out = tmp_path / "stopped"
+    p = subprocess.Popen(train_cmd(data, out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the first checkpoint appears at step 5, in the middle of the run
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    stopped_at = train_load(out / "ckpt.pt")["step"]
+    assert 5 <= stopped_at < 60 and "--resume continues" in stdout
+    train_run(data, out, "--resume")
+
+    a, b = train_load(tmp_path / "straight" / "ckpt.pt"), train_load(out / "ckpt.pt")
+    assert a["step"] == b["step"] == 60
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i][k], b["optimizer"]["state"][i][k])
+               for i in a["optimizer"]["state"] for k in a["optimizer"]["state"][i])
+    assert a["history"] == b["history"]
+
+
+def test_train_two_processes_match_one(tmp_path):
+    data = train_verdict(tmp_path)
+    args = ["--max-iters", "4", "--batch-size", "4", "--eval-interval", "2", "--dropout", "0", "--lr", "1e-3"]
+    train_run(data, tmp_path / "one", *args)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
+    r = train_run(data, tmp_path / "two", *args, launcher=torchrun)
+    assert "2 process(es)" in r.stdout
+    one, two = train_load(tmp_path / "one" / "ckpt.pt")["history"], train_load(tmp_path / "two" / "ckpt.pt")["history"]
+    assert len(one["loss"]) == len(two["loss"]) == 4
+    for key in ("loss", "train", "val"):
+        assert max(abs(x - y) for x, y in zip(one[key], two[key])) < 1e-5, key
+    assert one["loss"][-1] < one["loss"][0]  # it did train
+
+
+def test_train_token_cache_follows_the_text(tmp_path):
+    enc = tiktoken.get_encoding("gpt2")
+    f = tmp_path / "a.txt"
+    f.write_text("Hello world, once.", encoding="utf-8")
+    assert load_tokens(str(f)).tolist() == enc.encode("Hello world, once.")
+    cache = tmp_path / "a.txt.tokens.bin"
+    assert cache.exists()
+    f.write_text("Something else entirely.", encoding="utf-8")
+    assert load_tokens(str(f)).tolist() == enc.encode("Something else entirely.")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "2.txt").write_text("second", encoding="utf-8")
+    (folder / "1.txt").write_text("first", encoding="utf-8")
+    (folder / "notes.md").write_text("ignored", encoding="utf-8")
+    assert load_tokens(str(folder)).tolist() == enc.encode("first") + [50256] + enc.encode("second") + [50256]
+
+
+def test_train_bad_data_is_one_clear_line(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("Far too short to train on. " * 20, encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    cases = {"missing.txt": "not found", "latin1.txt": "is not UTF-8", "short.txt": "too short", "empty": "no .txt files"}
+    for name, message in cases.items():
+        r = subprocess.run(train_cmd(tmp_path / name, tmp_path / "out"), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_default_data_offline_says_where_to_put_it(tmp_path):
+    env = {**ENV, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    r = run_script("train.py", *TRAIN_TINY, cwd=tmp_path, env=env, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("error: could not download") and "data/the-verdict.txt" in last and "--data" in last
+    assert not (tmp_path / "data" / "the-verdict.txt").exists()
+
+
+# =============================================================================
+# finetune_spam.py: the real SMS Spam Collection
+
+
+SPAM_DATA = SHARED / "sms-spam" / "SMSSpamCollection"
+SPAM_TINY = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--context-length", "300"]
+
+
+@pytest.fixture(scope="module")
+def spam_run(tmp_path_factory):
+    """A tiny fine-tuning run on 60 ham and 60 spam lines of the real file."""
+    tmp = tmp_path_factory.mktemp("spam")
+    lines = SPAM_DATA.read_text(encoding="utf-8").splitlines(keepends=True)
+    sample = [l for l in lines if l.startswith("ham\t")][:60] + [l for l in lines if l.startswith("spam\t")][:60]
+    (tmp / "sample.tsv").write_text("".join(sample), encoding="utf-8")
+    r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "2",
+                    "--lr", "1e-3", "--seed", "7", *SPAM_TINY, cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    return tmp
+
+
+def test_spam_reads_every_line_of_the_real_file():
+    messages = fs.read_messages(SPAM_DATA)
+    raw = SPAM_DATA.read_bytes().split(b"\n")
+    assert len(messages) == sum(1 for l in raw if l) == 5574
+    assert sum(1 for label, _ in messages if label == "spam") == sum(1 for l in raw if l.startswith(b"spam\t")) == 747
+    with open(SPAM_DATA, encoding="utf-8", newline="") as f:  # CSV quoting (pandas' default) merges lines
+        assert len(list(csv.reader(f, delimiter="\t"))) == 5572
+
+
+def test_spam_split_is_balanced_deterministic_and_kept(tmp_path):
+    messages = fs.read_messages(SPAM_DATA)
+    split = fs.balanced_split(messages, 123)
+    assert split == fs.balanced_split(messages, 123)
+    assert split != fs.balanced_split(messages, 124)
+    assert {name: len(ms) for name, ms in split.items()} == {"train": 1045, "validation": 149, "test": 300}
+    everything = [m for ms in split.values() for m in ms]
+    assert sum(1 for label, _ in everything if label == "spam") == sum(1 for label, _ in everything if label == "ham") == 747
+    assert set(everything) <= set(messages) and len(set(everything)) == len(set(map(tuple, everything)))
+    fs.write_split(split, tmp_path / "a", 123)
+    fs.write_split(fs.balanced_split(messages, 123), tmp_path / "b", 123)
+    for name in split:
+        a, b = (tmp_path / d / f"{name}-seed123.tsv" for d in ("a", "b"))
+        assert a.read_bytes() == b.read_bytes()
+        assert fs.read_messages(a) == split[name]
+
+
+def test_spam_last_real_token_of_padded_batch():
+    torch.manual_seed(0)
+    model = fs.with_class_head(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, n_ctx=64))).eval()
+    tok = Tokenizer()
+    texts = ["Hi", "WINNER!! Claim your prize now by calling 09061701461", "see you at 5 then"]
+    examples = [(tok.encode(t), i % 2) for i, t in enumerate(texts)]
+    idx, lengths, labels = next(fs.batches(examples, 8, "cpu"))
+    assert lengths.tolist() == [len(ids) for ids, _ in examples] and labels.tolist() == [0, 1, 0]
+    assert idx.shape == (3, max(lengths)) and idx[0, lengths[0]:].eq(fs.PAD_ID).all()
+    with torch.no_grad():
+        batched = fs.classify(model, idx, lengths)
+        alone = torch.cat([fs.classify(model, torch.tensor([ids]), torch.tensor([len(ids)])) for ids, _ in examples])
+        at_padding = model.lm_head(model.hidden_states(idx)[:, -1])
+    torch.testing.assert_close(batched, alone)
+    assert not torch.allclose(at_padding[0], alone[0])  # the padding's own state would give another answer
+
+
+def test_spam_metrics_by_hand():
+    m = fs.metrics(preds=[1, 0, 1, 1, 0], labels=[1, 0, 0, 1, 1])  # TP 2, TN 1, FP 1, FN 1
+    assert m["confusion"] == [[1, 1], [1, 2]]
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+
+
+def test_spam_freezes_all_but_the_last_blocks():
+    model = fs.with_class_head(GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, n_ctx=8)))
+    fs.freeze_all_but(model, "1")
+    trainable = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"transformer.h.2.ln_1", "transformer.h.2.attn.c_attn", "transformer.h.2.attn.c_proj",
+                         "transformer.h.2.ln_2", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj",
+                         "transformer.ln_f", "lm_head"}
+    assert model.transformer.wte.weight.shape == (50257, 16)  # the new head left the embedding alone
+
+
+def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
+    split = {name: fs.read_messages(spam_run / "split" / f"{name}-seed7.tsv") for name in ("train", "validation", "test")}
+    assert {name: len(ms) for name, ms in split.items()} == {"train": 84, "validation": 12, "test": 24}
+    report = json.loads((spam_run / "out" / "metrics.json").read_text())
+    for name, ms in split.items():
+        assert sum(map(sum, report[name]["confusion"])) == len(ms)
+        assert 0 <= report[name]["accuracy"] <= 1
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    assert (spam_run / "out" / "curves.png").stat().st_size > 0
+    model = fs.load_classifier(spam_run / "out" / "classifier.pt")
+    assert model.lm_head.out_features == 2 and model.config.n_embd == 64
+    text = "You won a free cruise, call now"
+    r = run_script("finetune_spam.py", "--classify", text, "--out-dir", "out", cwd=spam_run)
+    assert r.returncode == 0, r.stderr
+    label, prob = r.stdout.split()
+    ids = torch.tensor([Tokenizer().encode(text)])
+    with torch.no_grad():
+        probs = torch.softmax(fs.classify(model, ids, torch.tensor([ids.size(1)])), -1)[0]
+    assert label == fs.LABELS[int(probs.argmax())] and float(prob) == pytest.approx(probs.max().item(), abs=1e-3)
+
+
+def test_spam_text_longer_than_context(spam_run):
+    r = run_script("finetune_spam.py", "--classify", "free prize " * 200, "--out-dir", "out", cwd=spam_run)
+    assert r.returncode == 1 and "longer than the model's context (300)" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--classify", "hello", "--out-dir", "nowhere"], "no saved classifier at nowhere/classifier.pt"),
+    (["--data", "missing.tsv"], "missing.tsv not found"),
+    (["--data", "bad.tsv"], "bad.tsv line 2 is not 'ham|spam<TAB>text'"),
+    (["--data", "ham-only.tsv"], "has no spam messages"),
+    (["--data", str(SPAM_DATA), "--trainable-blocks", "3", *SPAM_TINY], "--trainable-blocks 3: give 'all' or a number from 0 to 2"),
+])
+def test_spam_bad_input_is_one_clear_line(tmp_path, args, message):
+    (tmp_path / "bad.tsv").write_text("ham\tfine\nthis line has no label\n", encoding="utf-8")
+    (tmp_path / "ham-only.tsv").write_text("ham\tone\nham\ttwo\n", encoding="utf-8")
+    r = run_script("finetune_spam.py", *args, "--split-dir", "split", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# =============================================================================
+# finetune_instruct.py: prompt, batches, LoRA, training, the Ollama judge
+
+
+INSTRUCT_DATA = SHARED / "instruction-data.json"
+EOT = 50256
+
+
+def instruct_tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=EOT + 1, n_ctx=64, n_layer=2, n_head=4, n_embd=32))
+
+
+# -----------------------------------------------------------------------------
+# Prompt and data
+
+
+def test_instruct_format_prompt_is_the_alpaca_text():
+    head = ("Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n### Instruction:\nRewrite the sentence in passive voice.")
+    with_input = {"instruction": "Rewrite the sentence in passive voice.", "input": "The chef cooked the meal."}
+    assert format_prompt(with_input) == head + "\n\n### Input:\nThe chef cooked the meal.\n\n### Response:\n"
+    assert format_prompt({**with_input, "input": ""}) == head + "\n\n### Response:\n"
+    assert format_prompt({"instruction": with_input["instruction"]}) == head + "\n\n### Response:\n"
+
+
+def test_instruct_split_of_the_real_data_is_85_5_10_and_fixed():
+    entries = load_entries(INSTRUCT_DATA)
+    train, val, test = split(entries, seed=123)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert sorted(map(id, train + val + test)) == sorted(map(id, entries))  # a partition of the file
+    again = split(entries, seed=123)
+    assert [e["instruction"] for e in again[2]] == [e["instruction"] for e in test]
+    assert [e["instruction"] for e in split(entries, seed=1)[2]] != [e["instruction"] for e in test]
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+
+def test_instruct_collate_masks_token_by_token():
+    batch = [([1, 2, 3, 4, EOT], 3), ([5, 6, EOT], 1)]  # (ids ending with <|endoftext|>, prompt length)
+    inputs, targets = collate(batch)
+    assert inputs.tolist() == [[1, 2, 3, 4], [5, 6, EOT, EOT]]
+    assert targets.tolist() == [[2, 3, 4, EOT], [6, EOT, IGNORE, IGNORE]]  # first end-of-text kept, padding ignored
+    _, masked = collate(batch, mask_prompt=True)
+    assert masked.tolist() == [[IGNORE, IGNORE, 4, EOT], [6, EOT, IGNORE, IGNORE]]  # only answer tokens count
+    inputs, targets = collate(batch, mask_prompt=True, max_length=3)
+    assert inputs.tolist() == [[1, 2, 3], [5, 6, EOT]]
+    assert targets.tolist() == [[IGNORE, IGNORE, 4], [6, EOT, IGNORE]]
+
+
+def instruct_book_collate(batch, pad_token_id=EOT, ignore_index=-100, allowed_max_length=None):
+    """Raschka's custom_collate_fn (chapter 7), as printed in the book: the reference."""
+    batch_max_length = max(len(item) + 1 for item in batch)
+    inputs_lst, targets_lst = [], []
+    for item in batch:
+        new_item = item.copy()
+        new_item += [pad_token_id]
+        padded = new_item + [pad_token_id] * (batch_max_length - len(new_item))
+        inputs = torch.tensor(padded[:-1])
+        targets = torch.tensor(padded[1:])
+        mask = targets == pad_token_id
+        indices = torch.nonzero(mask).squeeze()
+        if indices.numel() > 1:
+            targets[indices[1:]] = ignore_index
+        if allowed_max_length is not None:
+            inputs = inputs[:allowed_max_length]
+            targets = targets[:allowed_max_length]
+        inputs_lst.append(inputs)
+        targets_lst.append(targets)
+    return torch.stack(inputs_lst), torch.stack(targets_lst)
+
+
+def test_instruct_collate_of_real_entries_matches_the_book_and_masks_the_prompt():
+    tok = Tokenizer()
+    entries = load_entries(INSTRUCT_DATA)[:8]
+    batch = [encode(tok, e) for e in entries]
+    for entry, (ids, prompt_len) in zip(entries, batch):
+        assert tok.decode(ids[:prompt_len]) == format_prompt(entry)
+        assert tok.decode(ids[prompt_len:]) == entry["output"] + "<|endoftext|>"
+    book = [tok.encode(format_prompt(e) + e["output"]) for e in entries]
+    for max_length in (None, 40):
+        inputs, targets = collate(batch, max_length=max_length)
+        ref_inputs, ref_targets = instruct_book_collate(book, allowed_max_length=max_length)
+        assert torch.equal(inputs, ref_inputs) and torch.equal(targets, ref_targets)
+    _, masked = collate(batch, mask_prompt=True)
+    for row, (entry, (ids, prompt_len)) in enumerate(zip(entries, batch)):
+        kept = [t for t in masked[row].tolist() if t != IGNORE]
+        assert tok.decode(kept) == entry["output"] + "<|endoftext|>"  # exactly the answer and one end-of-text
+        assert masked[row, prompt_len - 1] == ids[prompt_len]  # the last prompt position predicts the answer
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def instruct_logits(state, x):
+    model = instruct_tiny_gpt()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model.eval()(x)[0]
+
+
+def test_instruct_lora_trains_only_the_low_rank_matrices_and_merges_exactly():
+    model = instruct_tiny_gpt()
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    rank, alpha = 4, 8.0
+    add_lora(model, rank, alpha)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    C, L = 32, 2  # per block: c_attn (C -> 3C), attn c_proj (C -> C), c_fc (C -> 4C), mlp c_proj (4C -> C)
+    assert trainable == L * rank * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))
+    x = torch.randint(0, EOT, (2, 16))
+    model.eval()
+    with torch.no_grad():  # B starts at zero: the wrapped model is the pretrained one
+        assert torch.equal(model(x)[0], instruct_logits(frozen, x))
+    model.train()
+    optimizer = configure_optimizer(model, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert len(lora) == 4 * L
+    assert all(m.B.abs().sum() > 0 for m in lora.values())  # the update really trained
+    state = model.state_dict()
+    for key, value in frozen.items():  # every pretrained weight, bit for bit
+        module, leaf = key.rsplit(".", 1)
+        assert torch.equal(state[f"{module}.linear.{leaf}" if module in lora else key], value), key
+
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(x)[0]
+        expected = {f"{n}.weight": m.linear.weight + (m.B @ m.A) * (alpha / rank) for n, m in lora.items()}
+        merge_lora(model)
+        merged = model(x)[0]
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == set(frozen)  # a plain GPT again
+    for key, weight in expected.items():
+        assert torch.equal(model.state_dict()[key], weight), key
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    assert (merged - instruct_logits(frozen, x)).abs().max() > 1e-3  # and it differs from the start
+
+
+# -----------------------------------------------------------------------------
+# The whole training path: tiny model from scratch, real data, a few steps.
+
+INSTRUCT_TINY = ("--init-from", "scratch", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--data", INSTRUCT_DATA,
+                 "--batch-size", 4, "--eval-batches", 1, "--max-new-tokens", 3, "--lr", 1e-3)
+
+
+def test_instruct_lora_run_saves_a_plain_checkpoint_plot_and_test_answers(tmp_path):
+    out = tmp_path / "instruct.pt"
+    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--lora-rank", 4, "--lora-alpha", 8, "--mask-prompt", "--max-length", 128,
+                        "--max-steps", 3, "--eval-interval", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "935 train, 55 validation, 110 test" in r.stdout
+    C, L, V = 64, 2, 50257
+    lora = L * 4 * (4 * C + 2 * C + 5 * C + 5 * C)
+    total = V * C + 1024 * C + L * (12 * C * C + 13 * C) + 2 * C + lora  # + the LoRA matrices
+    assert f"trainable parameters: {lora:,} of {total:,}" in r.stdout
+    assert "step 2: train loss" in r.stdout and "step 3: train loss" in r.stdout  # every interval and the last step
+    model = GPT.from_pretrained(str(out))  # loads like any checkpoint: LoRA is merged away
+    assert (model.config.n_layer, model.config.n_embd) == (2, 64)
+    assert torch.load(out, weights_only=True)["step"] in (2, 3)
+    assert (tmp_path / "instruct-loss.png").stat().st_size > 0
+    responses = json.loads((tmp_path / "instruct-responses.json").read_text())
+    _, _, test = split(load_entries(INSTRUCT_DATA), seed=123)
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in responses] == test
+    assert all(isinstance(e["model_response"], str) for e in responses)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path):
+    out = tmp_path / "full.pt"
+    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--max-steps", 8, "--eval-interval", 4, "--max-length", 96, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "full fine-tuning" in r.stdout and "(100.00%)" in r.stdout
+    val = [float(line.split("val loss ")[1].split(" ")[0].rstrip(",")) for line in r.stdout.splitlines()
+           if line.startswith("step ")]
+    assert len(val) == 2 and val[1] < val[0]
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 8 and abs(ckpt["val_loss"] - val[1]) < 1e-3
+    # The saved answers are the greedy continuations of the saved model, cut at end-of-text.
+    model, tok = GPT.from_checkpoint(str(out)), Tokenizer()
+    entry = json.loads((tmp_path / "full-responses.json").read_text())[0]
+    prompt = torch.tensor([tok.encode(format_prompt(entry))])
+    with torch.no_grad():
+        new = []
+        for _ in range(3):  # plain argmax over the full sequence, no KV cache
+            next_id = model(torch.cat([prompt, torch.tensor([new], dtype=torch.long)], dim=1))[0][0, -1].argmax().item()
+            if next_id == EOT:
+                break
+            new.append(next_id)
+    assert entry["model_response"] == tok.decode(new).strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--data", "missing.json"), "missing.json not found: expected a JSON list of entries with instruction, output"),
+    (("--max-length", 2000), "--max-length 2000 is longer than the model's context window (1024)"),
+    (("--lora-rank", -1), "--lora-rank"),
+])
+def test_instruct_bad_input_is_one_clear_line(tmp_path, args, message):
+    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--out", tmp_path / "x.pt", *args)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_instruct_malformed_data_names_the_entry(tmp_path):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
+    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--data", data, "--out", tmp_path / "x.pt")
+    assert r.returncode == 1 and "entry 1 needs the string fields instruction, output" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# The judge, against a fake Ollama server on 127.0.0.1 that speaks /api/chat.
+
+
+class InstructFakeOllama(BaseHTTPRequestHandler):
+    """POST /api/chat -> {"message": {"role": "assistant", "content": next reply}, "done": true};
+    a model other than the server's gets Ollama's 404 {"error": "model '...' not found"}."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server = self.server
+        server.requests.append((self.path, body))
+        if body["model"] != server.model:
+            status, reply = 404, {"error": f"model '{body['model']}' not found"}
+        else:
+            status, reply = 200, {"model": server.model, "message": {"role": "assistant", "content": server.replies.pop(0)},
+                                  "done": True}
+        data = json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def instruct_ollama():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), InstructFakeOllama)
+    server.model, server.replies, server.requests = "llama3", [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def instruct_responses(tmp_path, n):
+    path = tmp_path / "responses.json"
+    entries = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "now", "output": f"{i}.",
+                "model_response": f"answer {i}"} for i in range(n)]
+    path.write_text(json.dumps(entries))
+    return path, entries
+
+
+def instruct_judge(path, server, *args):
+    return run_script("finetune_instruct.py", "--evaluate", path, "--ollama-url", f"http://127.0.0.1:{server.server_port}", *args,
+                           timeout=60)
+
+
+def test_instruct_judge_scores_each_answer_and_writes_the_mean(tmp_path, instruct_ollama):
+    path, entries = instruct_responses(tmp_path, 3)
+    instruct_ollama.replies = ["85", " 40\n", "100."]
+    r = instruct_judge(path, instruct_ollama, "--seed", 7)
+    assert r.returncode == 0, r.stderr
+    assert "entry 0: score 85" in r.stdout and "entry 1: score 40" in r.stdout and "entry 2: score 100" in r.stdout
+    assert "mean score 75.00 over 3 entries" in r.stdout
+    assert [e["score"] for e in json.loads(path.read_text())] == [85, 40, 100]
+    assert len(instruct_ollama.requests) == 3
+    for (url_path, body), entry in zip(instruct_ollama.requests, entries):
+        assert url_path == "/api/chat"
+        assert body["model"] == "llama3" and body["stream"] is False
+        assert body["options"] == {"temperature": 0, "seed": 7}
+        [message] = body["messages"]
+        assert message["role"] == "user"
+        for text in (format_prompt(entry), entry["output"], entry["model_response"], "0 to 100"):
+            assert text in message["content"]
+
+
+def test_instruct_judge_retries_a_non_number_then_counts_it_failed_not_zero(tmp_path, instruct_ollama):
+    path, _ = instruct_responses(tmp_path, 2)
+    tries = 1 + JUDGE_RETRIES
+    instruct_ollama.replies = ["Great answer!"] * tries + ["Score: none", "50"]
+    r = instruct_judge(path, instruct_ollama)
+    assert r.returncode == 0, r.stderr
+    assert f"entry 0: the judge's reply 'Great answer!' is not a score after {tries} tries: counted as failed" in r.stdout
+    assert "entry 1: score 50" in r.stdout
+    assert "mean score 50.00 over 1 entries (1 failed, not counted)" in r.stdout
+    assert [e["score"] for e in json.loads(path.read_text())] == [None, 50]
+    assert len(instruct_ollama.requests) == tries + 2
+    retry = instruct_ollama.requests[1][1]["messages"]  # the retry shows the judge its own reply
+    assert [m["role"] for m in retry] == ["user", "assistant", "user"] and retry[1]["content"] == "Great answer!"
+
+
+def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama):
+    path, _ = instruct_responses(tmp_path, 1)
+    instruct_ollama.replies = ["101"] * (1 + JUDGE_RETRIES)  # out of range is not a score either
+    r = instruct_judge(path, instruct_ollama)
+    assert r.returncode == 1 and "the judge gave no score to any of the 1 entries" in r.stderr
+    assert json.loads(path.read_text())[0]["score"] is None
+
+
+def test_instruct_judge_names_a_missing_model(tmp_path, instruct_ollama):
+    path, _ = instruct_responses(tmp_path, 1)
+    r = instruct_judge(path, instruct_ollama, "--judge-model", "nope")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "has no model 'nope' (model 'nope' not found): run `ollama pull nope`" in r.stderr
+
+
+def test_instruct_judge_says_when_the_server_is_unreachable(tmp_path):
+    path, _ = instruct_responses(tmp_path, 1)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_script("finetune_instruct.py", "--evaluate", path, "--ollama-url", f"http://127.0.0.1:{port}", timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"cannot reach Ollama at http://127.0.0.1:{port}: start it with `ollama serve`" in r.stderr
+
+
+# =============================================================================
+# bench.py: runs on a tiny config and prints every row (no timing is checked)
+
+
+BENCH_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--batch-size", "2", "--seq-len", "16",
+              "--prompt-len", "8", "--new-tokens", "12", "--prefill", "32", "--reps", "1", "--warmup", "0"]
+BENCH_ROWS = [  # (start of the row's label, whether transformers' figure and the ratio are shown)
+    ("float32 matmul peak", False), ("memory read bandwidth", False), ("generation bound", False),
+    ("training step", True), ("training, GFLOP/s", True),
+    ("generation, greedy, 8 + 12 tokens", True), ("generation, greedy, share of the bandwidth bound", True),
+    ("generation, top-k 50", True), ("generation, greedy, no KV cache", False), ("KV cache speed-up", False),
+    ("prefill, 32 tokens", True),
+    ("loading", True), ("loading, peak RSS of the whole process", True), ("loading, peak RSS over the process", True),
+    ("training step 2 x 16, peak RSS", True), ("greedy generation, peak RSS", True),
+]
+
+
+def bench_run(args, tmp_path):
+    return run_script("bench.py", *args, cwd=tmp_path, env={**ENV, "TMPDIR": str(tmp_path)})
+
+
+def test_bench_prints_every_row(tmp_path):
+    out = bench_run(BENCH_TINY, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.strip("|").split("|") for line in out.stdout.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in r] for r in rows[2:]]  # after the header and its rule
+    assert len(rows) == len(BENCH_ROWS), out.stdout
+    number = re.compile(r"^\d+(\.\d+)?(x|%)?( \(\d+(\.\d+)?(x|%)\))?$")
+    for (label, compared), (what, ours, theirs, ratio) in zip(BENCH_ROWS, rows):
+        assert what.startswith(label), (label, what)
+        assert number.match(ours), (what, ours)
+        if compared:
+            assert number.match(theirs) and re.match(r"^\d+\.\d\dx$", ratio), (what, theirs, ratio)
+        else:
+            assert theirs == ratio == "", (what, theirs, ratio)
+    # The OpenAI checkpoint it wrote (and keeps in the temp folder) holds the very weights it benchmarked.
+    (folder,) = tmp_path.glob("gpt2-bench-2x4x64-seed0")
+    ours, _ = bench.make_models(2, 4, 64, seed=0)
+    loaded = GPT.from_pretrained(str(folder / "openai"))
+    for name, p in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+
+
+def test_bench_models_compute_the_same():
+    ours, theirs = bench.make_models(2, 4, 64, seed=1)
+    x = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x)[0], atol=1e-4, rtol=1e-4)
+    no_autocast = bench.autocast_for("cpu")
+    a = bench.generate(ours, x[:1], 10, None, no_autocast)
+    assert torch.equal(a, bench.generate(theirs, x[:1], 10, None, no_autocast))
+    assert torch.equal(a, bench.generate_without_cache(ours, x[:1], 10, no_autocast))
+    assert bench.generate(theirs, x[:1], 10, 5, no_autocast).shape == (1, 30)  # top-k never stops early
+
+
+def test_bench_checkpoint_has_openai_layout():
+    import tensorflow as tf
+
+    release = dict(tf.train.list_variables(str(SHARED / "gpt2-124M" / "model.ckpt")))
+    ours = {name: list(a.shape) for name, a in bench.openai_arrays(GPT(GPTConfig()))}
+    assert ours == release
+
+
+def test_bench_rejects_bad_size(tmp_path):
+    out = bench_run(["--n-embd", "65", "--n-head", "4"], tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == "error: --n-embd 65 is not a multiple of --n-head 4"
