@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import configure_optimizer, pick_device, run
+from common import argument_parser, configure_optimizer, pick_device, run
 from gpt2 import GPT, GPTConfig, openai_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -255,7 +255,7 @@ def checkpoints(ours, theirs, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--n-layer", type=int, default=12, help="model size (the defaults are GPT-2 124M)")
     p.add_argument("--n-head", type=int, default=12)
     p.add_argument("--n-embd", type=int, default=768)

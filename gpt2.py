@@ -135,9 +135,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)  # (B, nh, S, hs), S = cached + new positions
         dropout = self.dropout if self.training else 0.0
         S = k.size(2)
-        if S == T:  # no earlier positions: the plain causal mask, which fast kernels know
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:  # new positions after cached ones: new position i sees the cache and new positions <= i
+        if S == T or T == 1:  # all positions new: the causal mask fast kernels know; one new token: no mask
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        else:  # several new positions after cached ones: new position i sees the cache and new positions <= i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
