@@ -195,14 +195,16 @@ def matmul_peak(args):
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # bf16 matmul is unusably slow on CPUs
     n = 4096 if args.device == "cuda" else 2048
     a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
-    seconds = timed({"matmul": lambda: a @ b}, args, "matmul peak")["matmul"]
+    repeats = 8  # one call is too short to time steadily on a CPU that is still clocking up
+    seconds = timed({"matmul": lambda: [a @ b for _ in range(repeats)]}, args, "matmul peak")["matmul"] / repeats
     return 2 * n**3 / seconds, dtype
 
 
 def read_bandwidth(args):
     """Bytes/s of summing 1 GiB of fp32: reading memory as batch-1 generation reads its weights."""
     big = torch.ones(2**28, device=args.device)
-    seconds = timed({"sum": big.sum}, args, "memory bandwidth")["sum"]
+    repeats = 4
+    seconds = timed({"sum": lambda: [big.sum() for _ in range(repeats)]}, args, "memory bandwidth")["sum"] / repeats
     return big.numel() * 4 / seconds
 
 
