@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import argument_parser, configure_optimizer, pick_device, run
+from common import add_device_arg, argument_parser, configure_optimizer, pick_device, run
 from gpt2 import GPT, GPTConfig, openai_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -267,7 +267,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     p.add_argument("--top-k", type=int, default=50, help="k of the top-k sampling row")
     p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill row")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
+    add_device_arg(p)
     p.add_argument("--reps", type=int, default=3, help="timed runs per row and model (the median is shown)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")

@@ -23,6 +23,18 @@ def argument_parser(doc):
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
+def add_model_args(parser, init_from):
+    """--init-from and the size flags init_model takes, the same in every script that trains."""
+    parser.add_argument("--init-from", default=init_from, help="scratch, a GPT-2 size (gpt2, gpt2-medium, 124M, ...: "
+                        "see download_weights.py), an OpenAI model folder or a .pt checkpoint")
+    for flag, what in (("--n-layer", "number of blocks"), ("--n-head", "attention heads"), ("--n-embd", "width")):
+        parser.add_argument(flag, type=int, help=f"with --init-from scratch: {what}; None: 124M's")
+
+
+def add_device_arg(parser):
+    parser.add_argument("--device", default="auto", help="auto: cuda, else mps, else cpu; or a torch device (cpu, cuda:1, ...)")
+
+
 class UserError(Exception):
     """Bad input a user can fix: printed as one line, without a traceback."""
 

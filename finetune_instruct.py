@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import UserError, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic, write_json
+from common import UserError, add_device_arg, add_model_args, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT, Tokenizer
 
 DATA = "data/instruction-data.json"
@@ -335,10 +335,7 @@ def evaluate(args):
 def main():
     p = argument_parser(__doc__)
     p.add_argument("--data", default=DATA, help="JSON list of {instruction, input, output}; downloaded when it is the default and missing")
-    p.add_argument("--init-from", default="gpt2-medium", help="size name, OpenAI model folder, .pt checkpoint, or 'scratch'")
-    p.add_argument("--n-layer", type=int, help="scratch only: number of blocks")
-    p.add_argument("--n-head", type=int, help="scratch only: attention heads")
-    p.add_argument("--n-embd", type=int, help="scratch only: width")
+    add_model_args(p, "gpt2-medium")
     p.add_argument("--lora-rank", type=int, default=0, help="0 trains every weight; >0 trains only LoRA matrices of this rank")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale: the update is multiplied by alpha / rank")
     p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the responses only")
@@ -352,7 +349,7 @@ def main():
     p.add_argument("--eval-batches", type=int, default=5, help="batches per loss estimate")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer to the test instructions")
     p.add_argument("--out", default="out/instruct.pt", help="checkpoint; the loss plot and answers go beside it")
-    p.add_argument("--device", default="auto")
+    add_device_arg(p)
     p.add_argument("--seed", type=int, default=123, help="data split, shuffling, initialisation and the judge")
     p.add_argument("--evaluate", metavar="RESPONSES", help="score this responses JSON with the Ollama judge instead of training")
     p.add_argument("--ollama-url", default=OLLAMA_URL)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import UserError, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic, write_json
+from common import UserError, add_device_arg, add_model_args, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT, GPTConfig, Tokenizer
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -195,10 +195,7 @@ def main():
     p.add_argument("--data", default=DATA_FILE, help="the SMSSpamCollection file (the default is downloaded if missing)")
     p.add_argument("--split-dir", default="data/sms-spam", help="where the train/validation/test split files go")
     p.add_argument("--out-dir", default="out/spam", help="classifier.pt, metrics.json and curves.png go here")
-    p.add_argument("--init-from", default="gpt2", help="scratch, a GPT-2 size (gpt2, 124M, ...), a model folder or a train.py .pt")
-    p.add_argument("--n-layer", type=int, help="with --init-from scratch: number of blocks (default: 124M's)")
-    p.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads (default: 124M's)")
-    p.add_argument("--n-embd", type=int, help="with --init-from scratch: width (default: 124M's)")
+    add_model_args(p, "gpt2")
     p.add_argument("--context-length", type=int, help="shorter context window (default: the model's own, 1024)")
     p.add_argument("--dropout", type=float, help="dropout rate (default: the model's own, 0)")
     p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
@@ -207,7 +204,7 @@ def main():
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight-decay", type=float, default=0.1, help="on weight matrices only")
     p.add_argument("--seed", type=int, default=123, help="seeds the balanced split and the training")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_arg(p)
     args = p.parse_args()
     checkpoint_path = os.path.join(args.out_dir, "classifier.pt")
     tokenizer = Tokenizer()

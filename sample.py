@@ -14,7 +14,7 @@ from itertools import takewhile
 
 import torch
 
-from common import MODELS_DIR, UserError, argument_parser, load_model, pick_device, run
+from common import MODELS_DIR, UserError, add_device_arg, argument_parser, load_model, pick_device, run
 from gpt2 import Tokenizer, size_name
 
 
@@ -50,7 +50,7 @@ def main():
     parser.add_argument("--top-p", type=float, default=None, help="sample among the fewest tokens whose probabilities sum to p")
     parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
     parser.add_argument("--num-samples", type=int, default=1, help="samples of the same prompt, one after another")
-    parser.add_argument("--device", default="auto", help="auto = cuda, else mps, else cpu")
+    add_device_arg(parser)
     args = parser.parse_args()
     if args.temperature < 0 or args.top_k < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
         raise UserError("--temperature and --top-k must be >= 0, --max-new-tokens and --num-samples >= 1")

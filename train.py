@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import UserError, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
+from common import UserError, add_device_arg, add_model_args, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
 
 DEFAULT_DATA = "data/the-verdict.txt"
@@ -186,14 +186,10 @@ def main():
     parser.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file or a folder of .txt files "
                         "(the default is downloaded when missing)")
     parser.add_argument("--out-dir", default="out", help="where ckpt.pt (latest), best.pt (best validation loss) and loss.png go")
-    parser.add_argument("--init-from", default="scratch", help="scratch, an OpenAI size (gpt2, gpt2-medium, ...: "
-                        "see download_weights.py) or a .pt checkpoint")
+    add_model_args(parser, "scratch")
     parser.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt; its settings are the "
                         "defaults, flags given now override them")
     parser.add_argument("--eval-only", action="store_true", help="print the loss and perplexity on all of --data, then exit")
-    parser.add_argument("--n-layer", type=int, help="with --init-from scratch: number of blocks; None: 124M's")
-    parser.add_argument("--n-head", type=int, help="with --init-from scratch: attention heads; None: 124M's")
-    parser.add_argument("--n-embd", type=int, help="with --init-from scratch: width; None: 124M's")
     parser.add_argument("--context-length", type=int, default=256, help="tokens per window (a pretrained model is cut to it)")
     parser.add_argument("--dropout", type=float, default=0.1, help="during training only")
     parser.add_argument("--epochs", type=int, default=10, help="passes over the training windows")
@@ -208,7 +204,7 @@ def main():
     parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0: no clipping")
     parser.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations; 0: once per epoch")
     parser.add_argument("--eval-batches", type=int, default=5, help="batches of each split per evaluation (the book's eval_iter)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
+    add_device_arg(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--seed", type=int, default=123, help="for the initial weights, the shuffling and dropout")
     args = parser.parse_args()
