@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common import add_device_arg, argument_parser, configure_optimizer, pick_device, run
-from gpt2 import GPT, GPTConfig, openai_name
+from gpt2 import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # transformers keeps these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in)
@@ -217,7 +217,7 @@ def openai_arrays(model):
     for name, p in model.state_dict().items():
         if name == "lm_head.weight":  # tied to wte
             continue
-        tf_name = openai_name(name)
+        tf_name = GPT.openai_name(name)
         array = p.numpy()
         yield tf_name, array.T[None] if tf_name.endswith("/w") else array  # (out, in) -> OpenAI's (1, in, out)
 

@@ -1,16 +1,19 @@
-"""What every script around gpt2.py needs: --help, one-line errors, a device, atomic files,
-downloads that resume, loading a model by name, and plots. gpt2.py needs none of it."""
+"""What every script around gpt2.py needs: --help, checked flags, one-line errors, a device,
+atomic files, downloads that resume, loading a model and its tokenizer, the Alpaca prompt, and
+plots. gpt2.py needs none of it."""
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import asdict, replace
+from glob import glob
 
 import torch
 
-from gpt2 import GPT, GPTConfig, size_name
+from gpt2 import ALIASES, GPT, MODEL_SIZES, GPTConfig, Tokenizer, openai_tokenizer, size_name
 
 MODELS_DIR = "models"  # download_weights.py puts OpenAI's checkpoints in models/<size>/
 
@@ -19,8 +22,58 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows every default, and the script's docstring with its example commands as written."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A mistyped or out-of-range flag: one line (not the whole usage) and exit code 2."""
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def argument_parser(doc):
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def number(kind, low, high=math.inf):
+    """An argparse type: an int or float (kind) in [low, high], checked before any work starts."""
+    what = "an integer" if kind is int else "a number"
+    allowed = f"{what} >= {low}" if high == math.inf else f"{what} from {low} to {high}"
+
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # nan fails too
+            raise argparse.ArgumentTypeError(f"must be {allowed}, not {text}")
+        return value
+    return check
+
+
+def add_overwrite_arg(parser, what):
+    parser.add_argument("--overwrite", action="store_true", help=f"start a new run even where {what} already holds one")
+
+
+def check_out_files(paths, overwrite, resume_hint=""):
+    """Before any work: refuse to replace an earlier run's files unless --overwrite, make sure
+    their folder can be written, and clear temporary files a killed run left behind."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} is from an earlier run and would be replaced: {resume_hint}pass --overwrite "
+                        "to start over, or another output path")
+    for folder in sorted({os.path.dirname(p) or "." for p in paths}):
+        created = not os.path.isdir(folder)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write-test-{os.getpid()}.tmp")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to {folder} ({e.strerror}): choose another output path") from None
+        if created:
+            os.rmdir(folder)  # made again with the first file saved: a failed run leaves no empty folder
+    for p in paths:
+        if os.path.exists(p + ".tmp"):
+            os.remove(p + ".tmp")  # half a file from a run that was killed while saving
 
 
 def add_model_args(parser, init_from):
@@ -28,7 +81,7 @@ def add_model_args(parser, init_from):
     parser.add_argument("--init-from", default=init_from, help="scratch, a GPT-2 size (gpt2, gpt2-medium, 124M, ...: "
                         "see download_weights.py), an OpenAI model folder or a .pt checkpoint")
     for flag, what in (("--n-layer", "number of blocks"), ("--n-head", "attention heads"), ("--n-embd", "width")):
-        parser.add_argument(flag, type=int, help=f"with --init-from scratch: {what}; None: 124M's")
+        parser.add_argument(flag, type=number(int, 1), help=f"with --init-from scratch: {what}; None: 124M's")
 
 
 def add_device_arg(parser):
@@ -40,10 +93,11 @@ class UserError(Exception):
 
 
 def run(main):
-    """Run a script's main(); bad input ends it with one line on stderr and exit code 1."""
+    """Run a script's main(); bad input, a missing or unwritable file end it with one line on
+    stderr and exit code 1."""
     try:
         main()
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except (UserError, ValueError, OSError) as e:  # OSError: missing files, full disks, read-only folders
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -52,8 +106,15 @@ def run(main):
 
 
 def pick_device(name="auto"):
-    """'auto' -> cuda if present, else mps (Apple), else cpu."""
+    """'auto' -> cuda if present, else mps (Apple), else cpu; a device named but absent is an error."""
     if name != "auto":
+        try:
+            kind = torch.device(name).type
+        except RuntimeError:
+            raise UserError(f"--device {name}: not a torch device (auto, cpu, cuda, cuda:1, mps, ...)") from None
+        if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: this machine has no {kind.upper()} device that torch can use; "
+                            "use --device cpu (or auto)")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -91,6 +152,24 @@ def load_model(spec):
     return GPT.from_pretrained(path)
 
 
+def load_tokenizer(spec=None):
+    """GPT-2's tokenizer: from a model folder's encoder.json when spec names one (works offline),
+    else tiktoken's (downloaded once, then cached), else any downloaded model's encoder.json."""
+    folder = os.path.join(MODELS_DIR, size_name(spec)) if spec in MODEL_SIZES or spec in ALIASES else spec
+    if folder and os.path.isfile(os.path.join(folder, "encoder.json")):
+        return openai_tokenizer(folder)
+    try:
+        return Tokenizer()
+    except OSError as e:  # requests' errors are OSErrors: offline, with nothing in tiktoken's cache
+        local = sorted(glob(os.path.join(MODELS_DIR, "*", "encoder.json")))
+        if local:
+            return openai_tokenizer(os.path.dirname(local[0]))
+        raise UserError(f"GPT-2's tokenizer files could not be downloaded ({type(e).__name__}): connect to the "
+                        "internet once (tiktoken then caches them), set TIKTOKEN_CACHE_DIR to a folder holding "
+                        "tiktoken's cache, or put a model folder with encoder.json in models/ "
+                        "(python download_weights.py)") from None
+
+
 def init_model(init_from, context_length=None, dropout=None, **size):
     """'scratch' -> a new GPT-2 124M with any of size's n_layer / n_head / n_embd overrides;
     anything else -> load_model(init_from). context_length shortens the window (a pretrained
@@ -98,7 +177,7 @@ def init_model(init_from, context_length=None, dropout=None, **size):
     size = {k: v for k, v in size.items() if v is not None}
     changes = {k: v for k, v in (("n_ctx", context_length), ("dropout", dropout)) if v is not None}
     if init_from == "scratch":
-        return GPT(GPTConfig(**{**asdict(GPTConfig()), **size, **changes}))
+        return GPT(GPTConfig(**{**asdict(GPTConfig()), **size, **changes}))  # GPT checks n_embd % n_head
     if size:
         raise UserError(f"--{next(iter(size)).replace('_', '-')} only applies to --init-from scratch")
     model = load_model(init_from)
@@ -106,7 +185,7 @@ def init_model(init_from, context_length=None, dropout=None, **size):
         return model
     if changes.get("n_ctx", 0) > model.config.n_ctx:
         raise UserError(f"--context-length {changes['n_ctx']} is longer than the model's {model.config.n_ctx}")
-    new = GPT(replace(model.config, **changes))
+    new = GPT.empty(replace(model.config, **changes))
     state = model.state_dict()
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: new.config.n_ctx]
     new.load_state_dict(state)
@@ -121,6 +200,20 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+# -----------------------------------------------------------------------------
+# The Alpaca prompt: what an instruction-tuned model reads before it answers.
+
+
+def format_prompt(entry):
+    """The Alpaca prompt for {"instruction", "input" (may be empty or absent)}. Training
+    (finetune_instruct.py), answering, judging and sample.py --instruction all use this."""
+    text = ("Below is an instruction that describes a task. Write a response that appropriately "
+            f"completes the request.\n\n### Instruction:\n{entry['instruction']}")
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text + "\n\n### Response:\n"
 
 
 # -----------------------------------------------------------------------------
@@ -140,13 +233,24 @@ def download(url, dest, size=None, retries=3, timeout=30):
         try:
             _download_once(url, dest + ".part", size, timeout)
             break
+        except requests.HTTPError as e:
+            status = e.response.status_code
+            if status < 500:  # 404 and its kind: asking again will not help
+                raise UserError(f"{url} answered HTTP {status} {e.response.reason}: no such file there; "
+                                "check the address") from None
+            problem = f"HTTP {status}"
+        except requests.ConnectionError:
+            problem = "cannot connect"
+        except requests.Timeout:
+            problem = f"no answer in {timeout} s"
         except (requests.RequestException, OSError) as e:
-            if attempt == retries:
-                raise UserError(f"could not download {url} ({e}); check your connection and run again "
-                                f"(it resumes), or put the file at {dest} yourself") from None
-            wait = RETRY_WAIT * 2 ** (attempt - 1)
-            print(f"download failed ({e}); retry {attempt}/{retries - 1} in {wait:g} s", file=sys.stderr)
-            time.sleep(wait)
+            problem = str(e)[:120]
+        if attempt == retries:
+            raise UserError(f"could not download {url} ({problem}); check your connection and run again "
+                            f"(it resumes), or put the file at {dest} yourself")
+        wait = RETRY_WAIT * 2 ** (attempt - 1)
+        print(f"download failed ({problem}); retry {attempt}/{retries - 1} in {wait:g} s", file=sys.stderr)
+        time.sleep(wait)
     os.replace(dest + ".part", dest)
     return dest
 
@@ -211,7 +315,7 @@ def plot_curves(path, xlabel, panels):
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, (ylabel, curves) in zip(axes[0], panels.items()):
         for label, (xs, ys) in curves.items():
-            ax.plot(xs, ys, label=label)
+            ax.plot(xs, ys, label=label, marker="o", markersize=3)  # markers: a single point shows too
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend()

@@ -44,7 +44,12 @@ def main():
                 print(f"{dest}: complete, skipped")
                 continue
             print(f"{dest}: {os.path.getsize(dest):,} bytes, expected {expected:,}: downloading it again")
-        download(f"{args.base_url.rstrip('/')}/{size}/{name}", dest, size=expected)
+        try:
+            download(f"{args.base_url.rstrip('/')}/{size}/{name}", dest, size=expected)
+        except BaseException:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)  # leave no empty models/<size>/ behind: it would look like a download
+            raise
     print(f"GPT-2 {size} is in {folder}; try  python sample.py --model {folder}")
 
 

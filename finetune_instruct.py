@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import os
-import random
 import re
 from functools import partial
 from itertools import islice
@@ -23,12 +22,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic, write_json
-from gpt2 import GPT, Tokenizer
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
+from gpt2 import GPT
 
 DATA = "data/instruction-data.json"
 DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
-SPLIT = (0.85, 0.10)  # train, test; the remaining 5% is validation (the book's split)
+SPLIT = (0.85, 0.10)  # train, test; the remaining 5% is validation (the book's split, in file order)
 IGNORE = -100  # target id that cross_entropy skips
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer inside the blocks
 SAMPLE_TOKENS = 35  # length of the answer shown at each evaluation
@@ -46,16 +45,6 @@ JUDGE_REMINDER = "That is not a score. Respond with one integer from 0 to 100 an
 # Data: the Alpaca prompt, a fixed split, and batches whose loss covers the answers.
 
 
-def format_prompt(entry):
-    """The Alpaca prompt for {"instruction", "input" (may be empty or absent)}: what the
-    model reads before it answers. Training, generation and judging all use this."""
-    text = ("Below is an instruction that describes a task. Write a response that appropriately "
-            f"completes the request.\n\n### Instruction:\n{entry['instruction']}")
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text + "\n\n### Response:\n"
-
-
 def load_entries(path, required=("instruction", "output")):
     """A JSON list of objects whose `required` fields (and `input`, if present) are strings."""
     if not os.path.isfile(path):
@@ -63,8 +52,8 @@ def load_entries(path, required=("instruction", "output")):
     try:
         with open(path, encoding="utf-8") as f:
             entries = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise UserError(f"{path} is not a UTF-8 JSON file ({e})") from None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{path} must hold a non-empty JSON list of entries")
     for i, entry in enumerate(entries):
@@ -74,10 +63,8 @@ def load_entries(path, required=("instruction", "output")):
     return entries
 
 
-def split(entries, seed):
-    """Shuffle with a fixed seed, then 85% train, 5% validation, 10% test."""
-    entries = entries[:]
-    random.Random(seed).shuffle(entries)
+def split(entries):
+    """The book's split, in file order: the first 85% train, the next 10% test, the last 5% validation."""
     n_train, n_test = int(len(entries) * SPLIT[0]), int(len(entries) * SPLIT[1])
     train, test, val = entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
     if not (train and val and test):
@@ -191,10 +178,12 @@ def respond(model, tokenizer, entry, max_new_tokens, device):
 
 
 def finetune(args):
+    stem = os.path.splitext(args.out)[0]
+    check_out_files([args.out, f"{stem}-responses.json"], args.overwrite)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     path = ensure_file(args.data, DATA_URL) if args.data == DATA else args.data
-    train_set, val_set, test_set = split(load_entries(path), args.seed)
+    train_set, val_set, test_set = split(load_entries(path))
     print(f"{path}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
 
     model = init_model(args.init_from, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
@@ -209,7 +198,7 @@ def finetune(args):
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
           + (f", LoRA rank {args.lora_rank} alpha {args.lora_alpha}" if args.lora_rank else ", full fine-tuning"))
 
-    tokenizer = Tokenizer()
+    tokenizer = load_tokenizer(args.init_from)
     make_batch = partial(collate, mask_prompt=args.mask_prompt, max_length=max_length, pad_id=tokenizer.eot_id)
     train_data, val_data = ([encode(tokenizer, e) for e in entries] for entries in (train_set, val_set))
     if args.mask_prompt:  # a prompt that fills the window leaves no answer token to learn from
@@ -245,7 +234,6 @@ def finetune(args):
             save_atomic(saved.checkpoint(step=step, val_loss=val_loss, args=vars(args)), args.out)
     bar.close()
     print(f"best val loss {best:.3f}: saved {args.out}")
-    stem = os.path.splitext(args.out)[0]
     plot_curves(f"{stem}-loss.png", "step", {"loss": {"train": (history["step"], history["train"]),
                                                       "val": (history["step"], history["val"])}})
 
@@ -282,10 +270,11 @@ def ask_ollama(url, model, messages, seed):
                         "or pass --judge-model")
     if not r.ok:
         raise UserError(f"Ollama at {url} answered HTTP {r.status_code}: {error}")
-    try:
-        return reply["message"]["content"]
-    except (KeyError, TypeError):
-        raise UserError(f"{url}/api/chat did not answer with Ollama's chat JSON: is it an Ollama server?") from None
+    content = reply.get("message", {}).get("content") if isinstance(reply, dict) else None
+    if not isinstance(content, str):
+        raise UserError(f"{url}/api/chat did not answer with Ollama's chat JSON (a message with text content): "
+                        "is it an Ollama server?")
+    return content
 
 
 def parse_score(reply):
@@ -336,30 +325,26 @@ def main():
     p = argument_parser(__doc__)
     p.add_argument("--data", default=DATA, help="JSON list of {instruction, input, output}; downloaded when it is the default and missing")
     add_model_args(p, "gpt2-medium")
-    p.add_argument("--lora-rank", type=int, default=0, help="0 trains every weight; >0 trains only LoRA matrices of this rank")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale: the update is multiplied by alpha / rank")
+    p.add_argument("--lora-rank", type=number(int, 0), default=0, help="0 trains every weight; >0 trains only LoRA matrices of this rank")
+    p.add_argument("--lora-alpha", type=number(float, 0), default=16.0, help="LoRA scale: the update is multiplied by alpha / rank")
     p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the responses only")
-    p.add_argument("--max-length", type=int, help="truncate each example to this many tokens (default: the context window)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--eval-interval", type=int, default=20, help="steps between evaluations")
-    p.add_argument("--eval-batches", type=int, default=5, help="batches per loss estimate")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer to the test instructions")
+    p.add_argument("--max-length", type=number(int, 2), help="truncate each example to this many tokens (default: the context window)")
+    p.add_argument("--batch-size", type=number(int, 1), default=8)
+    p.add_argument("--epochs", type=number(int, 1), default=2)
+    p.add_argument("--max-steps", type=number(int, 0), default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--lr", type=number(float, 0), default=5e-5)
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.1)
+    p.add_argument("--eval-interval", type=number(int, 1), default=20, help="steps between evaluations")
+    p.add_argument("--eval-batches", type=number(int, 1), default=5, help="batches per loss estimate")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest answer to the test instructions")
     p.add_argument("--out", default="out/instruct.pt", help="checkpoint; the loss plot and answers go beside it")
+    add_overwrite_arg(p, "--out")
     add_device_arg(p)
-    p.add_argument("--seed", type=int, default=123, help="data split, shuffling, initialisation and the judge")
+    p.add_argument("--seed", type=int, default=123, help="shuffling, initialisation and the judge")
     p.add_argument("--evaluate", metavar="RESPONSES", help="score this responses JSON with the Ollama judge instead of training")
     p.add_argument("--ollama-url", default=OLLAMA_URL)
     p.add_argument("--judge-model", default=JUDGE_MODEL)
     args = p.parse_args()
-    for name in ("batch_size", "epochs", "eval_interval", "eval_batches", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lora_rank < 0 or args.max_steps < 0 or (args.max_length is not None and args.max_length < 1):
-        raise UserError("--lora-rank and --max-steps must be >= 0, --max-length >= 1")
     if args.evaluate:
         evaluate(args)
     else:

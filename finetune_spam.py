@@ -21,8 +21,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic, write_json
-from gpt2 import GPT, GPTConfig, Tokenizer
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
+from gpt2 import GPT, GPTConfig
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 DATA_FILE = "data/sms-spam/SMSSpamCollection"
@@ -40,11 +40,14 @@ def read_messages(path):
     not as CSV: a message starting with a quote is not a quoted field."""
     messages = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            label, tab, text = line.rstrip("\n").partition("\t")
-            if not tab or label not in LABELS or not text.strip():
-                raise UserError(f"{path} line {n} is not 'ham|spam<TAB>text': {line[:60]!r}")
-            messages.append((label, text))
+        try:
+            for n, line in enumerate(f, 1):
+                label, tab, text = line.rstrip("\n").partition("\t")
+                if not tab or label not in LABELS or not text.strip():
+                    raise UserError(f"{path} line {n} is not 'ham|spam<TAB>text': {line[:60]!r}")
+                messages.append((label, text))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e.reason} after line {len(messages)})") from None
     for label in LABELS:
         if not any(m[0] == label for m in messages):
             raise UserError(f"{path} has no {label} messages: a classifier needs both")
@@ -60,8 +63,11 @@ def balanced_split(messages, seed):
     balanced = [m for ms in by_label.values() for m in rng.sample(ms, n)]
     rng.shuffle(balanced)
     n_train, n_val = int(len(balanced) * SPLITS["train"]), int(len(balanced) * SPLITS["validation"])
-    return {"train": balanced[:n_train], "validation": balanced[n_train:n_train + n_val],
-            "test": balanced[n_train + n_val:]}
+    split = {"train": balanced[:n_train], "validation": balanced[n_train:n_train + n_val], "test": balanced[n_train + n_val:]}
+    if not all(split.values()):
+        raise UserError(f"{len(balanced)} balanced messages ({n} spam) are too few to split 70/10/20 into "
+                        "train, validation and test: use a larger collection")
+    return split
 
 
 def write_split(split, folder, seed):
@@ -142,12 +148,12 @@ def freeze_all_but(model, trainable_blocks):
 def load_classifier(path):
     if not os.path.isfile(path):
         raise UserError(f"no saved classifier at {path}: train one first with  python finetune_spam.py")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = with_class_head(GPT(GPTConfig(**ckpt["config"])))
     try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights only: never runs code
+        model = with_class_head(GPT.empty(GPTConfig(**ckpt["config"])))
         model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UserError(f"{path} is not a spam classifier of this project (its weights do not fit)") from None
+    except Exception:  # not a checkpoint at all, or one of another model
+        raise UserError(f"{path} is not a spam classifier of this project: train one with  python finetune_spam.py") from None
     return model.eval()
 
 
@@ -196,20 +202,20 @@ def main():
     p.add_argument("--split-dir", default="data/sms-spam", help="where the train/validation/test split files go")
     p.add_argument("--out-dir", default="out/spam", help="classifier.pt, metrics.json and curves.png go here")
     add_model_args(p, "gpt2")
-    p.add_argument("--context-length", type=int, help="shorter context window (default: the model's own, 1024)")
-    p.add_argument("--dropout", type=float, help="dropout rate (default: the model's own, 0)")
+    p.add_argument("--context-length", type=number(int, 1), help="shorter context window (default: the model's own, 1024)")
+    p.add_argument("--dropout", type=number(float, 0, 1), help="dropout rate (default: the model's own, 0)")
     p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.1, help="on weight matrices only")
+    p.add_argument("--epochs", type=number(int, 1), default=5)
+    p.add_argument("--batch-size", type=number(int, 1), default=8)
+    p.add_argument("--lr", type=number(float, 0), default=5e-5)
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.1, help="on weight matrices only")
     p.add_argument("--seed", type=int, default=123, help="seeds the balanced split and the training")
+    add_overwrite_arg(p, "--out-dir")
     add_device_arg(p)
     args = p.parse_args()
     checkpoint_path = os.path.join(args.out_dir, "classifier.pt")
-    tokenizer = Tokenizer()
-
     if args.classify is not None:
+        tokenizer = load_tokenizer()
         model = load_classifier(checkpoint_path)
         idx = torch.tensor([encode(tokenizer, args.classify, model.config.n_ctx)])
         with torch.no_grad():
@@ -217,11 +223,13 @@ def main():
         print(f"{LABELS[int(probs.argmax())]} {probs.max().item():.3f}")
         return
 
+    check_out_files([checkpoint_path], args.overwrite)
+    device = pick_device(args.device)
+    tokenizer = load_tokenizer(args.init_from)
     split = balanced_split(load_data(args.data), args.seed)
     write_split(split, args.split_dir, args.seed)
     print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
     model = with_class_head(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
                                        n_head=args.n_head, n_embd=args.n_embd))
     freeze_all_but(model, args.trainable_blocks)

@@ -23,11 +23,10 @@ from torch.nn import functional as F
 
 
 class Tokenizer:
-    """`Tokenizer()` uses tiktoken's built-in "gpt2" encoding; `Tokenizer(folder)`
-    builds the same encoding from the `encoder.json` OpenAI ships beside the weights."""
+    """tiktoken's "gpt2" encoding (or another tiktoken Encoding, such as openai_tokenizer's)."""
 
-    def __init__(self, folder=None):
-        self.enc = tiktoken.get_encoding("gpt2") if folder is None else _encoding_from_folder(folder)
+    def __init__(self, enc=None):
+        self.enc = enc or tiktoken.get_encoding("gpt2")
         self.eot_id = self.enc.eot_token  # <|endoftext|>, 50256: separates documents
 
     def encode(self, text):
@@ -35,27 +34,6 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
-
-
-def _encoding_from_folder(folder):
-    path = os.path.join(folder, "encoder.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: a GPT-2 model folder holds encoder.json and vocab.bpe")
-    with open(path, encoding="utf-8") as f:
-        encoder = json.load(f)  # token (bytes spelled as printable characters) -> id
-    # GPT-2 spells each byte as a printable character: printable ones as themselves,
-    # the others as chr(256), chr(257), ... in byte order. Undo that spelling.
-    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
-    others = [b for b in range(256) if b not in printable]
-    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
-    # An id is also the token's merge rank (its line in vocab.bpe), which is all BPE needs.
-    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if tok != "<|endoftext|>"}
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizing regex
-
-    return tiktoken.Encoding(
-        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": encoder["<|endoftext|>"]},
-    )
 
 
 # -----------------------------------------------------------------------------
@@ -87,7 +65,6 @@ class GPTConfig:
     n_head: int = 12
     n_layer: int = 12
     dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in its linear layers and layer norms
 
     @classmethod
     def from_name(cls, name, **overrides):
@@ -100,9 +77,20 @@ class GPTConfig:
 # well its query matches their keys. Several heads do this side by side.
 
 
+def attention(q, k, v, dropout=0.0):
+    """softmax(q kᵀ / sqrt(hs) + causal mask) v, for queries (B, nh, T, hs) that are the last T
+    of the S positions of keys and values (B, nh, S, hs) -> (output (B, nh, T, hs), weights (B, nh, T, S))."""
+    T, S = q.size(-2), k.size(-2)
+    att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S): each query against each key
+    sees = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # itself and earlier positions only
+    att = F.softmax(att.masked_fill(~sees, float("-inf")), dim=-1)  # each row: weights summing to 1
+    return F.dropout(att, dropout) @ v, att  # a weighted mix of the values
+
+
 class KVCache:
     """The keys and values of the tokens seen so far in one layer, kept so that
-    generating a token costs one position of work, not the whole prefix."""
+    generating a token costs one position of work, not the whole prefix. It is filled
+    with a whole prompt at once, then one token at a time."""
 
     def __init__(self, batch_size, config, device, dtype):
         shape = (batch_size, config.n_head, config.n_ctx, config.n_embd // config.n_head)
@@ -121,11 +109,11 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.keep_weights, self.weights = False, None  # keep_weights: compute attention() and keep its weights
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -134,12 +122,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, S, hs), S = cached + new positions
         dropout = self.dropout if self.training else 0.0
-        S = k.size(2)
-        if S == T or T == 1:  # all positions new: the causal mask fast kernels know; one new token: no mask
+        if self.keep_weights or k.size(2) > T > 1:  # the formula above (to look at the weights, or chunks after a cache)
+            y, self.weights = attention(q, k, v, dropout)
+        else:  # the same formula fused into one kernel (one new token after a cache sees everything)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
-        else:  # several new positions after cached ones: new position i sees the cache and new positions <= i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -150,15 +136,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """y = (x - mean(x)) / sqrt(var(x) + 1e-5) * g + b, over each vector's features."""
-
-    def __init__(self, n_embd, bias=True):
+    def __init__(self, n_embd):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_embd))  # OpenAI's "g"
-        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None  # OpenAI's "b"
+        self.bias = nn.Parameter(torch.zeros(n_embd))  # OpenAI's "b"
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=1e-5)  # the formula, fused
+        # (x - mean) / sqrt(var + 1e-5) * g + b over each vector's features, as one fused kernel
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -166,8 +151,8 @@ class LayerNorm(nn.Module):
 
 
 def gelu(x):
-    """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3))): the tanh form GPT-2 was trained with."""
-    return F.gelu(x, approximate="tanh")  # the same formula in one fused kernel
+    # 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3))), the tanh form GPT-2 was trained with, fused
+    return F.gelu(x, approximate="tanh")
 
 
 # -----------------------------------------------------------------------------
@@ -177,8 +162,8 @@ def gelu(x):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -193,9 +178,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -211,13 +196,15 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd {config.n_embd} must be a multiple of n_head {config.n_head} (the heads split it)")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token id -> vector
             wpe=nn.Embedding(config.n_ctx, config.n_embd),  # position -> vector (learned)
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: GPT-2 has one matrix for both
@@ -231,6 +218,15 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @classmethod
+    def empty(cls, config):
+        """A model whose weights are about to be overwritten: skips drawing random ones (seconds for big models)."""
+        with torch.device("meta"):  # shapes only, no memory
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty gave each its own tensor: tie them again
+        return model
 
     def hidden_states(self, idx, caches=None):
         """(B, T) token ids -> (B, T, n_embd) final layer-normed vectors."""
@@ -253,6 +249,26 @@ class GPT(nn.Module):
         return logits, loss
 
     # -------------------------------------------------------------------------
+    # Sampling: turn the last position's scores into the next token.
+
+    @staticmethod
+    def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+        """(B, vocab) scores -> (B, 1) token ids. temperature 0 picks the most likely token;
+        top_k keeps the k likeliest; top_p keeps the fewest whose probabilities sum to p."""
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature  # < 1 sharpens the distribution, > 1 flattens it
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = F.softmax(sorted_logits, dim=-1)
+            drop = probs.cumsum(dim=-1) - probs > top_p  # tokens whose predecessors already reach p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))  # vocab order
+        return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+    # -------------------------------------------------------------------------
     # Generation: predict a token, append it, repeat. The KV cache means each step
     # only runs the new token through the model.
 
@@ -260,6 +276,12 @@ class GPT(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
         """Yield the next (B, 1) tokens one step at a time for prompts idx (B, T).
         Rows that produced eos_id keep yielding eos_id; the stream ends when all have."""
+        if idx.size(1) == 0:
+            raise ValueError("the prompt is empty: give at least one token (<|endoftext|> starts a new document)")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), not {temperature}")
+        if top_k is not None and top_k < 1 or top_p is not None and not 0 <= top_p <= 1:
+            raise ValueError(f"top_k must be >= 1 and top_p in [0, 1], or None; got top_k={top_k}, top_p={top_p}")
         n_ctx = self.config.n_ctx
         idx = idx[:, -n_ctx:]  # a prompt longer than the window keeps its last n_ctx tokens
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
@@ -272,7 +294,7 @@ class GPT(nn.Module):
                 x = self.hidden_states(idx[:, -n_ctx:], caches)
             else:
                 x = self.hidden_states(idx[:, -1:], caches)
-            next_id = sample_next(self.lm_head(x[:, -1, :]), temperature, top_k, top_p)  # (B, 1)
+            next_id = self.sample_next(self.lm_head(x[:, -1, :]), temperature, top_k, top_p)  # (B, 1)
             if eos_id is not None:
                 next_id = next_id.masked_fill(done, eos_id)
                 done |= next_id == eos_id
@@ -289,6 +311,18 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Weights: OpenAI's TensorFlow checkpoints and our own training checkpoints.
 
+    @staticmethod
+    def openai_name(name):
+        """Our parameter name -> OpenAI's: 'transformer.h.3.attn.c_attn.weight' -> 'model/h3/attn/c_attn/w'."""
+        parts = name.removeprefix("transformer.").split(".")
+        if parts[0] == "h":
+            parts[:2] = [f"h{parts[1]}"]
+        *path, leaf = parts
+        if path in (["wte"], ["wpe"]):
+            return f"model/{path[0]}"
+        leaf = {"bias": "b", "weight": "g" if path[-1].startswith("ln") else "w"}[leaf]
+        return "/".join(["model", *path, leaf])
+
     @classmethod
     def from_pretrained(cls, path):
         """A folder of OpenAI's checkpoint (hparams.json, model.ckpt.*) or a .pt file from
@@ -296,15 +330,20 @@ class GPT(nn.Module):
         if os.path.isfile(path):
             return cls.from_checkpoint(path)
         model, ckpt = cls._openai_model(path)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up logging off
         import tensorflow as tf  # only needed here, to read OpenAI's files
 
         reader = tf.train.load_checkpoint(ckpt)
         params = model.state_dict()
-        expected = {openai_name(name): name for name in params if name != "lm_head.weight"}  # tied to wte
+        expected = {cls.openai_name(name): name for name in params if name != "lm_head.weight"}  # tied to wte
         found = reader.get_variable_to_shape_map()
         if set(found) != set(expected):
             missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
             raise ValueError(f"{ckpt} does not match a GPT-2 of this size: missing {missing[:3]}, unexpected {extra[:3]}")
+        data, need = ckpt + ".data-00000-of-00001", 4 * sum(math.prod(shape) for shape in found.values())  # float32
+        if os.path.getsize(data) < need:
+            raise ValueError(f"{data} has {os.path.getsize(data):,} bytes, but its index lists {need:,}: "
+                             "the file is incomplete (an interrupted download or copy); download it again")
         for tf_name, name in expected.items():
             array = reader.get_tensor(tf_name)
             if tf_name.endswith("/w"):  # OpenAI stores linear layers as 1x1 convolutions: (1, in, out)
@@ -323,27 +362,25 @@ class GPT(nn.Module):
         for path in (hparams_path, ckpt + ".index", ckpt + ".data-00000-of-00001"):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} not found: the checkpoint in {folder} is incomplete")
-        with open(hparams_path) as f:
-            hp = json.load(f)
-        config = GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"],
-                           n_head=hp["n_head"], n_layer=hp["n_layer"])
+        try:
+            with open(hparams_path, encoding="utf-8") as f:
+                hp = json.load(f)
+            config = GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"],
+                               n_head=hp["n_head"], n_layer=hp["n_layer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{hparams_path} is not GPT-2's hparams.json ({type(e).__name__}: {e})") from None
         return cls.empty(config), ckpt
-
-    @classmethod
-    def empty(cls, config):
-        """A model whose weights are about to be overwritten: skips drawing random ones (seconds for big models)."""
-        with torch.device("meta"):  # shapes only, no memory
-            model = cls(config)
-        model.to_empty(device="cpu")
-        model.lm_head.weight = model.transformer.wte.weight  # to_empty gave each its own tensor: tie them again
-        return model
 
     @classmethod
     def from_checkpoint(cls, path):
         """A train.py checkpoint: {"config": GPTConfig as a dict, "model": state_dict, ...}."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights only: never runs code
+        except Exception:
+            ckpt = None
         if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"{path} is not a checkpoint written by this project (no config and model)")
+            raise ValueError(f"{path} is not a checkpoint of this project (a .pt written by train.py or the fine-tuning scripts)")
+        ckpt["config"].pop("bias", None)  # written by the first release, always True
         model = cls.empty(GPTConfig(**ckpt["config"]))
         try:
             model.load_state_dict(ckpt["model"])
@@ -358,37 +395,29 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sampling: turn the last position's scores into the next token.
+# OpenAI's tokenizer files: the same encoding as tiktoken's, built from the
+# encoder.json that OpenAI ships beside the weights (no download needed).
+
+# GPT-2's pre-tokenizer: text is cut into words, numbers, punctuation runs and spaces before BPE
+# (OpenAI's encoder.py pattern, in the equivalent possessive form tiktoken uses).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """(B, vocab) scores -> (B, 1) token ids. temperature 0 picks the most likely token;
-    top_k keeps the k likeliest; top_p keeps the fewest whose probabilities sum to p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # tokens whose predecessors already reach p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))  # back to vocab order
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint names: how OpenAI's TensorFlow variables map onto our modules.
-
-
-def openai_name(name):
-    """Our parameter name -> OpenAI's: 'transformer.h.3.attn.c_attn.weight' -> 'model/h3/attn/c_attn/w'."""
-    parts = name.removeprefix("transformer.").split(".")
-    if parts[0] == "h":
-        parts[:2] = [f"h{parts[1]}"]
-    *path, leaf = parts
-    if path in (["wte"], ["wpe"]):
-        return f"model/{path[0]}"
-    leaf = {"bias": "b", "weight": "g" if path[-1].startswith("ln") else "w"}[leaf]
-    return "/".join(["model", *path, leaf])
+def openai_tokenizer(folder):
+    """A Tokenizer from folder/encoder.json (token -> id)."""
+    path = os.path.join(folder, "encoder.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: GPT-2's tokenizer is read from a model folder's encoder.json")
+    with open(path, encoding="utf-8") as f:
+        encoder = json.load(f)
+    # encoder.json spells each byte as a printable character: bytes '!'..'~', '¡'..'¬' and '®'..'ÿ'
+    # as themselves, the other 68 (space, control bytes, ...) as chr(256), chr(257), ... in byte order.
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    byte_of = {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+    # OpenAI numbered the 256 bytes first, then each merge in the order it was learned (vocab.bpe's
+    # lines), so a token's id is also its merge rank: lower merges first, which is all BPE needs.
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in encoder.items() if token != "<|endoftext|>"}
+    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": encoder["<|endoftext|>"]})
+    return Tokenizer(enc)

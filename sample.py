@@ -9,20 +9,11 @@ checkpoint written by this project's scripts. A prompt longer than the model's c
 window is an error; the generated text itself may run past it (the window then slides).
 """
 
-import os
 from itertools import takewhile
 
 import torch
 
-from common import MODELS_DIR, UserError, add_device_arg, argument_parser, load_model, pick_device, run
-from gpt2 import Tokenizer, size_name
-
-
-def tokenizer_for(spec):
-    """An OpenAI folder has its own encoder.json (works offline); a .pt uses tiktoken's copy."""
-    if os.path.isfile(spec):
-        return Tokenizer()
-    return Tokenizer(spec if os.path.isdir(spec) else os.path.join(MODELS_DIR, size_name(spec)))
+from common import UserError, add_device_arg, argument_parser, format_prompt, load_model, load_tokenizer, number, pick_device, run
 
 
 def print_as_generated(ids, tokenizer):
@@ -44,25 +35,19 @@ def main():
     parser.add_argument("--prompt", default="Every effort moves you", help="the text to continue; empty = start a new document")
     parser.add_argument("--instruction", help="answer this instruction instead (Alpaca prompt, as finetune_instruct.py trains)")
     parser.add_argument("--input", default="", help="the input that goes with --instruction")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="length of each sample, in tokens")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = always the likeliest token")
-    parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (GPT-2's paper used 40); 0 = all")
-    parser.add_argument("--top-p", type=float, default=None, help="sample among the fewest tokens whose probabilities sum to p")
+    parser.add_argument("--max-new-tokens", type=number(int, 1), default=100, help="length of each sample, in tokens")
+    parser.add_argument("--temperature", type=number(float, 0), default=1.0, help="0 = always the likeliest token")
+    parser.add_argument("--top-k", type=number(int, 0), default=40, help="sample among the k likeliest tokens (GPT-2's paper used 40); 0 = all")
+    parser.add_argument("--top-p", type=number(float, 0, 1), default=None, help="sample among the fewest tokens whose probabilities sum to p")
     parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples of the same prompt, one after another")
+    parser.add_argument("--num-samples", type=number(int, 1), default=1, help="samples of the same prompt, one after another")
     add_device_arg(parser)
     args = parser.parse_args()
-    if args.temperature < 0 or args.top_k < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
-        raise UserError("--temperature and --top-k must be >= 0, --max-new-tokens and --num-samples >= 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
 
     device = pick_device(args.device)
     model = load_model(args.model).to(device)
-    tokenizer = tokenizer_for(args.model)
-    if args.instruction is not None:
-        from finetune_instruct import format_prompt  # the exact prompt the model was tuned on
-
+    tokenizer = load_tokenizer(args.model)
+    if args.instruction is not None:  # the exact prompt finetune_instruct.py tuned the model on
         prompt, eos_id = format_prompt({"instruction": args.instruction, "input": args.input}), tokenizer.eot_id
     else:  # a base model: <|endoftext|> only separates documents, so keep going past it
         prompt, eos_id = args.prompt, None

@@ -27,9 +27,10 @@ import download_weights
 import finetune_spam as fs
 from common import UserError, configure_optimizer, download, save_atomic
 from finetune_instruct import (
-    IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, format_prompt, load_entries, merge_lora, split,
+    IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, load_entries, merge_lora, split,
 )
-from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, openai_name, sample_next, size_name
+from common import format_prompt
+from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, openai_tokenizer, size_name
 from train import load_tokens
 
 ROOT = Path(__file__).resolve().parent  # the project
@@ -86,7 +87,7 @@ def test_tokenizer_known_ids_and_round_trip():
 
 
 def test_tokenizer_from_openai_files_equals_tiktoken():
-    ours, reference = Tokenizer(OPENAI_124M), Tokenizer()
+    ours, reference = openai_tokenizer(OPENAI_124M), Tokenizer()
     text = (SHARED / "the-verdict.txt").read_text(encoding="utf-8") + " 日本語 🎉 <|endoftext|> naïve\r\n"
     assert ours.encode(text) == reference.encode(text)
     assert ours.eot_id == reference.eot_id == 50256
@@ -148,7 +149,7 @@ def generate_without_cache(model, idx, n):
     """The textbook loop: rerun the whole (cropped) sequence for every new token."""
     for _ in range(n):
         logits, _ = model(idx[:, -model.config.n_ctx:])
-        idx = torch.cat([idx, sample_next(logits[:, -1], temperature=1.0)], dim=1)
+        idx = torch.cat([idx, GPT.sample_next(logits[:, -1], temperature=1.0)], dim=1)
     return idx
 
 
@@ -210,9 +211,9 @@ def test_samples_stay_in_top_k_and_top_p_sets():
     sorted_probs, order = probs.sort(descending=True)
     n_top_p = ((sorted_probs.cumsum(-1) - sorted_probs) <= 0.6).sum(-1)  # smallest set reaching 0.6
     for _ in range(200):
-        k = sample_next(logits, top_k=5)
+        k = GPT.sample_next(logits, top_k=5)
         assert (k == top5).any(-1).all()
-        p = sample_next(logits, top_p=0.6)
+        p = GPT.sample_next(logits, top_p=0.6)
         for row in range(4):
             assert p[row].item() in order[row, : n_top_p[row]].tolist()
 
@@ -277,7 +278,7 @@ def test_expected_variables_equal_the_real_124M_index():
     for name, p in GPT(GPTConfig.from_name("124M")).state_dict().items():
         if name != "lm_head.weight":  # tied to wte: OpenAI stores it once
             shape = tuple(p.shape)
-            expected[openai_name(name)] = (1, shape[1], shape[0]) if p.dim() == 2 and "h." in name else shape
+            expected[GPT.openai_name(name)] = (1, shape[1], shape[0]) if p.dim() == 2 and "h." in name else shape
     assert expected == real_index()
 
 
@@ -343,7 +344,7 @@ def test_checkpoint_of_another_shape(tmp_path):
     with pytest.raises(ValueError, match="does not fit its own config"):
         GPT.from_pretrained(str(tmp_path / "bad.pt"))
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a checkpoint written by this project"):
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
         GPT.from_pretrained(str(tmp_path / "other.pt"))
 
 
@@ -500,8 +501,10 @@ def test_dl_ensure_file(dl_server, dl_no_wait, tmp_path):
     n = len(dl_server.requests)
     common.ensure_file(str(path), dl_server.url + "/f")  # there already: no request
     assert len(dl_server.requests) == n
-    with pytest.raises(UserError, match=f"put the file at {tmp_path / 'g'} yourself"):
-        common.ensure_file(str(tmp_path / "g"), dl_server.url + "/missing")  # 404
+    n = len(dl_server.requests)
+    with pytest.raises(UserError, match="answered HTTP 404 Not Found: no such file there"):
+        common.ensure_file(str(tmp_path / "g"), dl_server.url + "/missing")  # 404: not a connection problem
+    assert len(dl_server.requests) == n + 1  # asked once, not retried
     assert not list(tmp_path.glob("g*"))
 
 
@@ -602,7 +605,6 @@ def test_sample_prints_characters_split_over_tokens_whole(capsys):
 
 def test_sample_instruction_uses_the_alpaca_prompt(sample_ckpt):
     """--instruction: the prompt is format_prompt(entry) and only the response is printed."""
-    from finetune_instruct import format_prompt
 
     model, path = sample_ckpt
     entry = {"instruction": "Rewrite the sentence in passive voice.", "input": "The chef cooked the meal."}
@@ -641,7 +643,7 @@ def test_sample_instruction_stops_at_end_of_text(sample_ckpt, tmp_path):
 def test_sample_tokenizer_of_an_openai_folder(sample_ckpt, tmp_path, monkeypatch):
     """A size name or folder reads the folder's encoder.json (offline); a .pt uses tiktoken's."""
     import tiktoken
-    from sample import tokenizer_for
+    from common import load_tokenizer as tokenizer_for
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "124M").symlink_to(SHARED / "gpt2-124M")
@@ -788,17 +790,17 @@ def test_train_token_cache_follows_the_text(tmp_path):
     enc = tiktoken.get_encoding("gpt2")
     f = tmp_path / "a.txt"
     f.write_text("Hello world, once.", encoding="utf-8")
-    assert load_tokens(str(f)).tolist() == enc.encode("Hello world, once.")
+    assert load_tokens(str(f), Tokenizer()).tolist() == enc.encode("Hello world, once.")
     cache = tmp_path / "a.txt.tokens.bin"
     assert cache.exists()
     f.write_text("Something else entirely.", encoding="utf-8")
-    assert load_tokens(str(f)).tolist() == enc.encode("Something else entirely.")
+    assert load_tokens(str(f), Tokenizer()).tolist() == enc.encode("Something else entirely.")
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "2.txt").write_text("second", encoding="utf-8")
     (folder / "1.txt").write_text("first", encoding="utf-8")
     (folder / "notes.md").write_text("ignored", encoding="utf-8")
-    assert load_tokens(str(folder)).tolist() == enc.encode("first") + [50256] + enc.encode("second") + [50256]
+    assert load_tokens(str(folder), Tokenizer()).tolist() == enc.encode("first") + [50256] + enc.encode("second") + [50256]
 
 
 def test_train_bad_data_is_one_clear_line(tmp_path):
@@ -971,14 +973,12 @@ def test_instruct_format_prompt_is_the_alpaca_text():
     assert format_prompt({"instruction": with_input["instruction"]}) == head + "\n\n### Response:\n"
 
 
-def test_instruct_split_of_the_real_data_is_85_5_10_and_fixed():
+def test_instruct_split_of_the_real_data_is_the_books():
+    """Chapter 7's split in file order: the first 935 train, the next 110 test, the last 55 validate."""
     entries = load_entries(INSTRUCT_DATA)
-    train, val, test = split(entries, seed=123)
+    train, val, test = split(entries)
     assert (len(train), len(val), len(test)) == (935, 55, 110)
-    assert sorted(map(id, train + val + test)) == sorted(map(id, entries))  # a partition of the file
-    again = split(entries, seed=123)
-    assert [e["instruction"] for e in again[2]] == [e["instruction"] for e in test]
-    assert [e["instruction"] for e in split(entries, seed=1)[2]] != [e["instruction"] for e in test]
+    assert train == entries[:935] and test == entries[935:1045] and val == entries[1045:]
 
 
 # -----------------------------------------------------------------------------
@@ -1114,7 +1114,7 @@ def test_instruct_lora_run_saves_a_plain_checkpoint_plot_and_test_answers(tmp_pa
     assert torch.load(out, weights_only=True)["step"] in (2, 3)
     assert (tmp_path / "instruct-loss.png").stat().st_size > 0
     responses = json.loads((tmp_path / "instruct-responses.json").read_text())
-    _, _, test = split(load_entries(INSTRUCT_DATA), seed=123)
+    _, _, test = split(load_entries(INSTRUCT_DATA))
     assert [{k: e[k] for k in ("instruction", "input", "output")} for e in responses] == test
     assert all(isinstance(e["model_response"], str) for e in responses)
     assert not list(tmp_path.glob("*.tmp"))

@@ -11,8 +11,8 @@ The text is tokenized once (cached beside it), split by tokens: the first 90% tr
 last 10% validate, each cut into windows of context_length tokens with stride context_length.
 """
 
+import argparse
 import contextlib
-import functools
 import hashlib
 import math
 import os
@@ -27,14 +27,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, argument_parser, configure_optimizer, ensure_file, init_model, pick_device, plot_curves, run, save_atomic
-from gpt2 import GPT, GPTConfig, Tokenizer
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic
+from gpt2 import GPT, GPTConfig
 
 DEFAULT_DATA = "data/the-verdict.txt"
 VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
 TRAIN_FRACTION = 0.9  # of the tokens; the rest is the validation set
 PROMPT = "Every effort moves you"  # the book's fixed prompt for the samples printed at each evaluation
 SAMPLE_TOKENS = 50
+OUT_FILES = ("ckpt.pt", "best.pt", "loss.png")  # what a run writes into --out-dir
+# What --resume cannot change: the model, the data and which windows each step trains on.
+FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "batch_size", "seed")
 
 # -----------------------------------------------------------------------------
 # Data: text -> cached token ids -> non-overlapping windows.
@@ -52,7 +55,7 @@ def text_files(path):
     return [path]
 
 
-def load_tokens(path):
+def load_tokens(path, tokenizer):
     """All of path's text as GPT-2 token ids (uint16), documents of a folder separated by
     <|endoftext|>. Cached in <path>.tokens.bin, which starts with the sha256 of the text it
     holds, so text that changed is tokenized again."""
@@ -68,7 +71,7 @@ def load_tokens(path):
         with open(cache, "rb") as fh:
             if fh.read(len(key)) == key:
                 return np.memmap(cache, dtype=np.uint16, mode="r", offset=len(key))
-    tokenizer, ids = Tokenizer(), []
+    ids = []
     for f in tqdm(files, desc="tokenizing", unit="file", disable=len(files) == 1):
         try:
             with open(f, encoding="utf-8") as fh:
@@ -86,13 +89,13 @@ def load_tokens(path):
     return tokens
 
 
-def load_data(path):
+def load_data(path, tokenizer):
     if path == DEFAULT_DATA and not os.path.exists(path):
         try:
             ensure_file(path, VERDICT_URL)
         except UserError as e:
             raise UserError(f"{e}, or pass --data FILE") from None
-    return load_tokens(path)
+    return load_tokens(path, tokenizer)
 
 
 def window_starts(begin, end, context_length):
@@ -107,17 +110,125 @@ def get_batch(tokens, starts, context_length, device):
     return w[:, :-1].to(device), w[:, 1:].to(device)
 
 
-@functools.lru_cache(maxsize=1)
-def epoch_order(n_windows, seed, epoch):
-    """A shuffle that depends only on (seed, epoch): a resumed run sees the same batches."""
-    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-
 def step_windows(train_starts, step, batch_size, seed):
-    """The batch_size training windows of optimizer step `step` (the last partial batch of an epoch is dropped)."""
+    """The batch_size training windows of optimizer step `step`: each epoch shuffles the windows
+    with a seed of its own, so a resumed run sees the same batches (an epoch's last partial batch is dropped)."""
     epoch, i = divmod(step, len(train_starts) // batch_size)
-    order = epoch_order(len(train_starts), seed, epoch)
-    return [train_starts[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+    order = torch.randperm(len(train_starts), generator=torch.Generator().manual_seed(seed + epoch))
+    return [train_starts[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
+
+
+# -----------------------------------------------------------------------------
+# Arguments: every flag checked before any work; --resume takes the checkpoint's settings.
+
+
+def parse_args():
+    """-> (args, the checkpoint to resume or None)."""
+    parser = argument_parser(__doc__)
+    parser.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file or a folder of .txt files "
+                        "(the default is downloaded when missing)")
+    parser.add_argument("--out-dir", default="out", help="where ckpt.pt (latest), best.pt (best validation loss) and loss.png go")
+    add_overwrite_arg(parser, "--out-dir")
+    add_model_args(parser, "scratch")
+    parser.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt with its settings. Flags given "
+                        "now override them, except " + ", ".join("--" + k.replace("_", "-") for k in FIXED_ON_RESUME) +
+                        ", which are fixed by the checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="print the loss and perplexity on all of --data, then exit")
+    parser.add_argument("--context-length", type=number(int, 1), default=256, help="tokens per window (a pretrained model is cut to it)")
+    parser.add_argument("--dropout", type=number(float, 0, 1), default=0.1, help="during training only")
+    parser.add_argument("--epochs", type=number(int, 1), default=10, help="passes over the training windows")
+    parser.add_argument("--max-iters", type=number(int, 0), default=0, help="optimizer steps; 0: --epochs passes over the data")
+    parser.add_argument("--batch-size", type=number(int, 1), default=2, help="windows per optimizer step, over all processes")
+    parser.add_argument("--grad-accum", type=number(int, 1), default=1, help="micro-batches per step (each process)")
+    parser.add_argument("--lr", type=number(float, 0), default=4e-4, help="peak learning rate")
+    parser.add_argument("--min-lr", type=number(float, 0), help="learning rate at the end of the cosine decay; None: --lr (constant, as in the book)")
+    parser.add_argument("--warmup-iters", type=number(int, 0), default=0, help="steps of linear warmup")
+    parser.add_argument("--weight-decay", type=number(float, 0), default=0.1, help="on weight matrices only")
+    parser.add_argument("--beta2", type=number(float, 0, 0.99999), default=0.999, help="AdamW's second-moment decay")
+    parser.add_argument("--grad-clip", type=number(float, 0), default=0.0, help="clip the gradient norm to this; 0: no clipping")
+    parser.add_argument("--eval-interval", type=number(int, 0), default=0, help="steps between evaluations; 0: once per epoch")
+    parser.add_argument("--eval-batches", type=number(int, 1), default=5, help="batches of each split per evaluation (the book's eval_iter)")
+    add_device_arg(parser)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--seed", type=int, default=123, help="for the initial weights, the shuffling and dropout")
+    args = parser.parse_args()
+    paths = [os.path.join(args.out_dir, name) for name in OUT_FILES]
+    if args.eval_only:
+        return args, None
+    if not args.resume:
+        check_out_files(paths, args.overwrite, "--resume continues it, ")
+        return args, None
+    check_out_files(paths, overwrite=True)
+    ckpt = load_checkpoint(paths[0])
+    # Parse again over the checkpoint's settings: argparse fills in only what the namespace lacks.
+    resumed = parser.parse_args(namespace=argparse.Namespace(**ckpt["args"]))
+    changed = [k for k in FIXED_ON_RESUME if getattr(resumed, k) != ckpt["args"].get(k)]
+    if changed:
+        flag = "--" + changed[0].replace("_", "-")
+        raise UserError(f"{flag} {getattr(resumed, changed[0])} differs from the checkpoint's {ckpt['args'].get(changed[0])}, "
+                        f"and it cannot change on --resume: drop {flag}, or start a new run in another --out-dir")
+    return resumed, ckpt
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: nothing to resume (drop --resume to start a new run)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights only: never runs code
+        assert {"config", "model", "optimizer", "step", "history", "args"} <= set(ckpt)
+    except Exception:
+        raise UserError(f"{path} is not a train.py checkpoint that can be resumed") from None
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Setup: the model, the optimizer and the progress so far, new or as the checkpoint left them.
+
+
+def setup_distributed(device):
+    """Under torchrun: join the process group -> (rank, number of processes, this process's device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build(args, ckpt, device, rank, world):
+    """-> (model, optimizer, progress {"step", "best_val", "history"})."""
+    torch.manual_seed(args.seed)  # the initial weights
+    if ckpt:
+        model = GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": args.dropout}))  # dropout may change on resume
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = init_model(args.init_from, args.context_length, args.dropout,
+                           n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    model.to(device).train()
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))
+    torch.manual_seed(args.seed + rank)  # dropout masks: their own stream in each process
+    if not ckpt:
+        history = {"step": [], "tokens": [], "train": [], "val": [], "loss": []}  # "loss": every step's training loss
+        return model, optimizer, {"step": 0, "best_val": math.inf, "history": history}
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if len(ckpt["rng"]) == world:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if "cuda" in ckpt["rng"][rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    elif rank == 0:
+        print(f"note: {len(ckpt['rng'])} processes wrote the checkpoint, {world} resume it: dropout draws new masks")
+    # best.pt may have been written after the last ckpt.pt: never replace it by a worse model
+    best_val = min(ckpt["best_val"], saved_val_loss(os.path.join(args.out_dir, "best.pt")))
+    return model, optimizer, {"step": ckpt["step"], "best_val": best_val, "history": ckpt["history"]}
+
+
+def saved_val_loss(path):
+    """The validation loss recorded in a best.pt, or infinity when there is none."""
+    if not os.path.isfile(path):
+        return math.inf
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("val_loss", math.inf)
 
 
 # -----------------------------------------------------------------------------
@@ -166,74 +277,62 @@ def rng_states(world):
     return states
 
 
-def setup_distributed(device):
-    """Under torchrun: join the process group -> (rank, number of processes, this process's device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+def save_latest(model, optimizer, progress, args, world, master):
+    """ckpt.pt: everything --resume needs. Every process takes part (their random states); rank 0 writes."""
+    rng = rng_states(world)
+    if master:
+        save_atomic(model.checkpoint(optimizer=optimizer.state_dict(), **progress, rng=rng, args=vars(args)),
+                    os.path.join(args.out_dir, "ckpt.pt"))
+
+
+def train_step(model, optimizer, batches, grad_clip, autocast):
+    """One update from this process's micro-batches [(x, y), ...] -> the sum of their losses."""
+    loss_sum = 0.0
+    for m, (x, y) in enumerate(batches):
+        # DDP averages gradients over processes in backward(); only the last micro-batch needs it.
+        last = m == len(batches) - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+            with autocast:
+                loss = model(x, y)[1] / len(batches)
+            loss.backward()
+        loss_sum += loss.item()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C: finish the step, save, stop; never halfway through an update.
+
+stop_requested = False
+
+
+def on_ctrl_c(signum, frame):
+    global stop_requested
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits at once, unsaved
+    stop_requested = True
+    print("\nCtrl-C: saving after this step (press again to quit without saving)", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
 
 
 def main():
-    parser = argument_parser(__doc__)
-    parser.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file or a folder of .txt files "
-                        "(the default is downloaded when missing)")
-    parser.add_argument("--out-dir", default="out", help="where ckpt.pt (latest), best.pt (best validation loss) and loss.png go")
-    add_model_args(parser, "scratch")
-    parser.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt; its settings are the "
-                        "defaults, flags given now override them")
-    parser.add_argument("--eval-only", action="store_true", help="print the loss and perplexity on all of --data, then exit")
-    parser.add_argument("--context-length", type=int, default=256, help="tokens per window (a pretrained model is cut to it)")
-    parser.add_argument("--dropout", type=float, default=0.1, help="during training only")
-    parser.add_argument("--epochs", type=int, default=10, help="passes over the training windows")
-    parser.add_argument("--max-iters", type=int, default=0, help="optimizer steps; 0: --epochs passes over the data")
-    parser.add_argument("--batch-size", type=int, default=2, help="windows per optimizer step, over all processes")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (each process)")
-    parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate")
-    parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay; None: --lr (constant, as in the book)")
-    parser.add_argument("--warmup-iters", type=int, default=0, help="steps of linear warmup")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="on weight matrices only")
-    parser.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay")
-    parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0: no clipping")
-    parser.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations; 0: once per epoch")
-    parser.add_argument("--eval-batches", type=int, default=5, help="batches of each split per evaluation (the book's eval_iter)")
-    add_device_arg(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--seed", type=int, default=123, help="for the initial weights, the shuffling and dropout")
-    args = parser.parse_args()
-    ckpt = None
-    if args.resume:
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"{path} not found: nothing to resume (drop --resume to start a new run)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        parser.set_defaults(**ckpt["args"])
-        args = parser.parse_args()
-
+    args, ckpt = parse_args()
     rank, world, device = setup_distributed(pick_device(args.device))
     master = rank == 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    tokenizer = load_tokenizer(args.init_from)
     if not master:
         dist.barrier()  # rank 0 downloads and tokenizes; the others then read its cache
-    tokens = load_data(args.data)
+    tokens = load_data(args.data, tokenizer)
     if master and world > 1:
         dist.barrier()
 
-    torch.manual_seed(args.seed)
-    if ckpt:
-        raw = GPT(GPTConfig(**ckpt["config"]))
-        raw.load_state_dict(ckpt["model"])
-    else:
-        raw = init_model(args.init_from, args.context_length, args.dropout,
-                         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    raw.to(device).train()
+    raw, optimizer, progress = build(args, ckpt, device, rank, world)
+    del ckpt
     model = torch.compile(raw) if args.compile else raw
     L = raw.config.n_ctx
 
@@ -260,98 +359,57 @@ def main():
     eval_interval = args.eval_interval or steps_per_epoch
     n_eval = args.eval_batches * args.batch_size
     tokens_per_step = args.batch_size * L
-
-    optimizer = configure_optimizer(raw, args.lr, args.weight_decay, betas=(0.9, args.beta2))
-    torch.manual_seed(args.seed + rank)  # dropout masks: their own stream in each process
-    step, best_val = 0, math.inf
-    history = {"step": [], "tokens": [], "train": [], "val": [], "loss": []}  # "loss": every step's training loss
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val, history = ckpt["step"], ckpt["best_val"], ckpt["history"]
-        if len(ckpt["rng"]) == world:
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if "cuda" in ckpt["rng"][rank] and torch.cuda.is_available():
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-        elif master:
-            print(f"note: {len(ckpt['rng'])} processes wrote the checkpoint, {world} resume it: dropout draws new masks")
-        del ckpt
     ddp_model = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else model
-
-    def save_latest():
-        rng = rng_states(world)  # every process takes part; rank 0 writes
-        if master:
-            save_atomic(raw.checkpoint(optimizer=optimizer.state_dict(), step=step, best_val=best_val,
-                                       history=history, rng=rng, args=vars(args)), os.path.join(args.out_dir, "ckpt.pt"))
-
-    stopping = []
-
-    def on_ctrl_c(signum, frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits at once, unsaved
-        stopping.append(True)
-        print("\nCtrl-C: saving after this step (press again to quit without saving)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_ctrl_c)  # stop between steps, never halfway through an update
-
-    tokenizer = Tokenizer()
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    history = progress["history"]
     if master:
         print(f"{args.data}: {len(tokens):,} tokens, {len(train_starts)} training and {len(val_starts)} validation windows "
               f"of {L}; {steps_per_epoch} steps of {args.batch_size} per epoch, {total} steps, {world} process(es)")
-    bar = tqdm(total=total, initial=step, unit="step", disable=not master)
+    bar = tqdm(total=total, initial=progress["step"], unit="step", disable=not master)
     train_time, steps_timed, stopped = 0.0, 0, False
     while True:
-        if (step % eval_interval == 0 or step == total) and step not in history["step"][-1:]:
+        step = progress["step"]
+        # evaluate-and-save, every eval_interval steps and at the end (not twice for the step a resume starts at)
+        if (step % eval_interval == 0 or step == total) and history["step"][-1:] != [step]:
             train_loss = evaluate(model, tokens, train_starts[:n_eval], L, micro, device, autocast)
             val_loss = evaluate(model, tokens, val_starts[:n_eval], L, micro, device, autocast)
-            history["step"].append(step)
-            history["tokens"].append(step * tokens_per_step)
-            history["train"].append(train_loss)
-            history["val"].append(val_loss)
+            for key, value in zip(("step", "tokens", "train", "val"), (step, step * tokens_per_step, train_loss, val_loss)):
+                history[key].append(value)
             if master:
                 bar.write(f"step {step} (epoch {step / steps_per_epoch:.1f}, {step * tokens_per_step:,} tokens): "
                           f"train loss {train_loss:.3f} (perplexity {math.exp(train_loss):.1f}), "
                           f"val loss {val_loss:.3f} (perplexity {math.exp(val_loss):.1f})")
                 bar.write(f"  {sample(raw, tokenizer, device)}")
-            if val_loss < best_val:
-                best_val = val_loss
+            if val_loss < progress["best_val"]:  # best.pt only ever gets a better model
+                progress["best_val"] = val_loss
                 if master:
                     save_atomic(raw.checkpoint(step=step, val_loss=val_loss), os.path.join(args.out_dir, "best.pt"))
             if 0 < step < total:
-                save_latest()
+                save_latest(raw, optimizer, progress, args, world, master)
         if step == total or stopped:
             break
 
+        # the step
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = learning_rate(step, total, args)
         windows = step_windows(train_starts, step, args.batch_size, args.seed)
-        loss_sum = 0.0
-        for m in range(args.grad_accum):
-            chunk = windows[(m * world + rank) * micro:(m * world + rank + 1) * micro]
-            x, y = get_batch(tokens, chunk, L, device)
-            # DDP averages gradients over processes in backward(); only the last micro-batch needs it.
-            sync = ddp_model.no_sync() if world > 1 and m < args.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    loss = ddp_model(x, y)[1] / args.grad_accum
-                loss.backward()
-            loss_sum += loss.item()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        report = torch.tensor([loss_sum, float(bool(stopping))], device=device)
+        mine = [windows[(m * world + rank) * micro:(m * world + rank + 1) * micro] for m in range(args.grad_accum)]
+        loss_sum = train_step(ddp_model, optimizer, [get_batch(tokens, w, L, device) for w in mine], args.grad_clip, autocast)
+        report = torch.tensor([loss_sum, float(stop_requested)], device=device)
         if world > 1:
             dist.all_reduce(report)  # the mean loss, and whether any process got Ctrl-C
         loss_mean, stopped = report[0].item() / world, report[1].item() > 0
         history["loss"].append(loss_mean)
-        step += 1
+        progress["step"] += 1
         dt = time.time() - t0
         train_time, steps_timed = train_time + dt, steps_timed + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
 
     bar.close()
-    save_latest()
+    save_latest(raw, optimizer, progress, args, world, master)
+    step = progress["step"]
     if master:
         plot = plot_curves(os.path.join(args.out_dir, "loss.png"), "tokens seen",
                            {"loss": {"train": (history["tokens"], history["train"]),
@@ -361,7 +419,7 @@ def main():
         else:
             print(f"done: {total} steps, {step * tokens_per_step:,} tokens; train loss {history['train'][-1]:.3f}, "
                   f"val loss {history['val'][-1]:.3f} (perplexity {math.exp(history['val'][-1]):.1f}); "
-                  f"best val loss {best_val:.3f}")
+                  f"best val loss {progress['best_val']:.3f}")
         if steps_timed:
             print(f"{steps_timed} steps in {train_time:.0f} s, {steps_timed * tokens_per_step / train_time:,.0f} tokens/s "
                   f"(evaluation excluded); wrote {args.out_dir}/ckpt.pt, {args.out_dir}/best.pt, {plot}")
