@@ -56,10 +56,37 @@ def hf_twin(model):
     return hf.eval()
 
 
-def run_script(name, *args, cwd=ROOT, env=ENV, timeout=300):
+def run_script(name, *args, cwd=ROOT, env=ENV, timeout=300, launcher=(sys.executable,)):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([*launcher, str(ROOT / name), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+
+
+def free_port():
+    """A port on 127.0.0.1 that nobody listened on a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def serve():
+    """serve(handler, **attributes) starts an HTTP server on 127.0.0.1 with those attributes and
+    .url; every server started is shut down after the test."""
+    servers = []
+
+    def start(handler, **attributes):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.__dict__.update(attributes)
+        server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 def tiny_model(seed=0, **overrides):
@@ -407,15 +434,8 @@ class _DlHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def dl_server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _DlHandler)
-    srv.files, srv.requests, srv.cut_once, srv.ignore_range = {}, [], set(), False
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+def dl_server(serve):
+    return serve(_DlHandler, files={}, requests=[], cut_once=set(), ignore_range=False)
 
 
 @pytest.fixture
@@ -553,9 +573,7 @@ def test_dl_script_refuses_wrong_size(dl_server, tmp_path):
 
 
 def test_dl_script_unreachable_server(tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     r = run_script("download_weights.py", "--models-dir", tmp_path, "--base-url", f"http://127.0.0.1:{port}")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -702,10 +720,6 @@ def test_scripts_help():
 # train.py: tiny runs on the real the-verdict.txt
 
 
-TRAIN_ROOT = Path(__file__).resolve().parent  # the project
-SHARED = ROOT.parent / "shared" / "data"  # real data, kept outside the project
-ENV = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken-cache"), "PYTHONIOENCODING": "utf-8"}
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 TRAIN_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length", "32"]
 
 
@@ -714,12 +728,12 @@ def train_verdict(tmp_path):
     return shutil.copy(SHARED / "the-verdict.txt", tmp_path / "the-verdict.txt")
 
 
-def train_cmd(data, out, *args, launcher=(sys.executable,)):
-    return [*launcher, str(TRAIN_SCRIPT), "--data", str(data), "--out-dir", str(out), *TRAIN_TINY, *args]
+def train_args(data, out, *args):
+    return ["--data", data, "--out-dir", out, *TRAIN_TINY, *args]
 
 
 def train_run(data, out, *args, launcher=(sys.executable,)):
-    r = subprocess.run(train_cmd(data, out, *args, launcher=launcher), capture_output=True, text=True, timeout=300)
+    r = run_script("train.py", *train_args(data, out, *args), launcher=launcher)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -769,7 +783,8 @@ def test_train_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
     train_run(data, tmp_path / "straight", *args)
 
     out = tmp_path / "stopped"
-    p = subprocess.Popen(train_cmd(data, out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, ROOT / "train.py", *map(str, train_args(data, out, *args))], env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # the first checkpoint appears at step 5, in the middle of the run
@@ -793,7 +808,7 @@ def test_train_two_processes_match_one(tmp_path):
     data = train_verdict(tmp_path)
     args = ["--max-iters", "4", "--batch-size", "4", "--eval-interval", "2", "--dropout", "0", "--lr", "1e-3"]
     train_run(data, tmp_path / "one", *args)
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
     r = train_run(data, tmp_path / "two", *args, launcher=torchrun)
     assert "2 process(es)" in r.stdout
     one, two = train_load(tmp_path / "one" / "ckpt.pt")["history"], train_load(tmp_path / "two" / "ckpt.pt")["history"]
@@ -826,7 +841,7 @@ def test_train_bad_data_is_one_clear_line(tmp_path):
     (tmp_path / "empty").mkdir()
     cases = {"missing.txt": "not found", "latin1.txt": "is not UTF-8", "short.txt": "too short", "empty": "no .txt files"}
     for name, message in cases.items():
-        r = subprocess.run(train_cmd(tmp_path / name, tmp_path / "out"), capture_output=True, text=True, timeout=120)
+        r = run_script("train.py", *train_args(tmp_path / name, tmp_path / "out"), timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
         assert r.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
@@ -1207,14 +1222,8 @@ class InstructFakeOllama(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def instruct_ollama():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), InstructFakeOllama)
-    server.model, server.replies, server.requests = "llama3", [], []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def instruct_ollama(serve):
+    return serve(InstructFakeOllama, model="llama3", replies=[], requests=[])
 
 
 def instruct_responses(tmp_path, n):
@@ -1226,8 +1235,7 @@ def instruct_responses(tmp_path, n):
 
 
 def instruct_judge(path, server, *args):
-    return run_script("finetune_instruct.py", "--evaluate", path, "--ollama-url", f"http://127.0.0.1:{server.server_port}", *args,
-                           timeout=60)
+    return run_script("finetune_instruct.py", "--evaluate", path, "--ollama-url", server.url, *args, timeout=60)
 
 
 def test_instruct_judge_scores_each_answer_and_writes_the_mean(tmp_path, instruct_ollama):
@@ -1281,9 +1289,7 @@ def test_instruct_judge_names_a_missing_model(tmp_path, instruct_ollama):
 
 def test_instruct_judge_says_when_the_server_is_unreachable(tmp_path):
     path, _ = instruct_responses(tmp_path, 1)
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     r = run_script("finetune_instruct.py", "--evaluate", path, "--ollama-url", f"http://127.0.0.1:{port}", timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"cannot reach Ollama at http://127.0.0.1:{port}: start it with `ollama serve`" in r.stderr
