@@ -3,6 +3,7 @@ atomic files, downloads that resume, loading a model and its tokenizer, the Alpa
 plots. gpt2.py needs none of it."""
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ def number(kind, low, high=math.inf):
             value = kind(text)
         except ValueError:
             value = math.nan
-        if not low <= value <= high:  # nan fails too
+        if not (math.isfinite(value) and low <= value <= high):  # nan and inf fail too
             raise argparse.ArgumentTypeError(f"must be {allowed}, not {text}")
         return value
     return check
@@ -149,7 +150,23 @@ def load_model(spec):
             raise UserError(f"{spec} not found: pass a size name, an OpenAI model folder or a .pt checkpoint") from None
         if not os.path.isfile(os.path.join(path, "model.ckpt.index")):
             raise UserError(f"no weights in {path}: run  python download_weights.py --model {size_name(spec)}")
+    if os.path.isdir(path):  # OpenAI's files: TensorFlow reads them, and its start-up log is not for our users
+        with quiet_stderr():
+            import tensorflow  # noqa: F401
     return GPT.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence what C++ libraries write to file descriptor 2 (TensorFlow logs there before any setting applies)."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def load_tokenizer(spec=None):
