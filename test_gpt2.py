@@ -145,6 +145,24 @@ def test_logits_and_loss_equal_transformers(config):
     assert model(idx)[1] is None
 
 
+def test_written_out_attention_equals_the_fused_kernel():
+    """attention() is the formula softmax(q kᵀ / √hs + mask) v; the model's fast path is PyTorch's fused
+    kernel. Same logits either way, and the kept weights are causal rows that sum to 1."""
+    model, idx = tiny_model(seed=2), torch.randint(0, TINY["vocab_size"], (2, 24))
+    with torch.no_grad():
+        fused = model(idx)[0]
+        for block in model.transformer.h:
+            block.attn.keep_weights = True
+        written = model(idx)[0]
+    torch.testing.assert_close(written, fused, atol=1e-5, rtol=0)
+    for block in model.transformer.h:
+        w = block.attn.weights
+        assert w.shape == (2, TINY["n_head"], 24, 24)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, TINY["n_head"], 24))
+        causal = torch.ones(24, 24, dtype=torch.bool).tril()
+        assert (w[..., ~causal] == 0).all() and (w[..., causal] > 0).all()
+
+
 def test_ignore_index_masks_targets():
     model, idx = tiny_model(), torch.randint(0, TINY["vocab_size"], (2, 10))
     targets = idx.roll(-1, dims=1)
