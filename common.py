@@ -85,6 +85,13 @@ def add_model_args(parser, init_from):
         parser.add_argument(flag, type=number(int, 1), help=f"with --init-from scratch: {what}; None: 124M's")
 
 
+def check_size_args(args):
+    """The size flags fit together (heads split the width): checked before any work."""
+    n_head, n_embd = args.n_head or GPTConfig.n_head, args.n_embd or GPTConfig.n_embd
+    if args.init_from == "scratch" and n_embd % n_head:
+        raise UserError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head} (the heads split the width)")
+
+
 def add_device_arg(parser):
     parser.add_argument("--device", default="auto", help="auto: cuda, else mps, else cpu; or a torch device (cpu, cuda:1, ...)")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT
 
 DATA = "data/instruction-data.json"
@@ -345,6 +345,7 @@ def main():
     p.add_argument("--ollama-url", default=OLLAMA_URL)
     p.add_argument("--judge-model", default=JUDGE_MODEL)
     args = p.parse_args()
+    check_size_args(args)
     if args.evaluate:
         evaluate(args)
     else:

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT, GPTConfig
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -213,6 +213,7 @@ def main():
     add_overwrite_arg(p, "--out-dir")
     add_device_arg(p)
     args = p.parse_args()
+    check_size_args(args)
     checkpoint_path = os.path.join(args.out_dir, "classifier.pt")
     if args.classify is not None:
         tokenizer = load_tokenizer()

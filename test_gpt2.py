@@ -863,9 +863,10 @@ def test_train_bad_data_is_one_clear_line(tmp_path):
 def test_train_default_data_offline_says_where_to_put_it(tmp_path):
     env = {**ENV, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
     r = run_script("train.py", *TRAIN_TINY, cwd=tmp_path, env=env, timeout=120)
-    last = r.stderr.strip().splitlines()[-1]
+    *retries, last = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert last.startswith("error: could not download") and "data/the-verdict.txt" in last and "--data" in last
+    assert len(retries) == 3 and all(len(line) < 60 for line in retries[1:])  # "not found: downloading", 2 short retries
     assert not (tmp_path / "data" / "the-verdict.txt").exists()
 
 
@@ -1415,8 +1416,10 @@ def test_bad_numbers_are_refused_before_any_work(script, args, message, monkeypa
 
 def test_bad_sizes_and_devices_are_one_line(trained, tmp_path):
     data, _, _ = trained
-    line = one_line_error(run_script("train.py", "--data", data, "--out-dir", tmp_path / "o", "--n-head", 3, "--n-embd", 64))
-    assert line == "error: n_embd 64 must be a multiple of n_head 3 (the heads split it)"
+    for script in ("train.py", "finetune_spam.py", "finetune_instruct.py"):
+        line = one_line_error(run_script(script, "--init-from", "scratch", "--n-head", 3, "--n-embd", 64, cwd=tmp_path))
+        assert line == "error: --n-embd 64 must be a multiple of --n-head 3 (the heads split the width)", script
+    assert not list(tmp_path.iterdir())  # before any work: no download was tried, nothing written
     line = one_line_error(run_script("train.py", *train_args(data, tmp_path / "o", "--device", "cuda")))
     assert "--device cuda: this machine has no CUDA device" in line
     assert not (tmp_path / "o").exists()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic
 from gpt2 import GPT, GPTConfig
 
 DEFAULT_DATA = "data/the-verdict.txt"
@@ -152,6 +152,7 @@ def parse_args():
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--seed", type=int, default=123, help="for the initial weights, the shuffling and dropout")
     args = parser.parse_args()
+    check_size_args(args)
     paths = [os.path.join(args.out_dir, name) for name in OUT_FILES]
     if args.eval_only:
         return args, None
