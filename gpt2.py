@@ -89,8 +89,7 @@ def attention(q, k, v, dropout=0.0):
 
 class KVCache:
     """The keys and values of the tokens seen so far in one layer, kept so that
-    generating a token costs one position of work, not the whole prefix. It is filled
-    with a whole prompt at once, then one token at a time."""
+    generating a token costs one position of work, not the whole prefix."""
 
     def __init__(self, batch_size, config, device, dtype):
         shape = (batch_size, config.n_head, config.n_ctx, config.n_embd // config.n_head)
