@@ -23,7 +23,7 @@ from common import argument_parser, number, run
 
 TRAIN = [sys.executable, str(Path(__file__).resolve().parent / "train.py")]
 TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length", "32", "--batch-size", "2",
-        "--max-iters", "60", "--eval-interval", "5", "--dropout", "0.1"]
+        "--max-iters", "40", "--eval-interval", "10", "--dropout", "0.1"]
 
 
 def differences(a, b):
@@ -53,9 +53,9 @@ def main():
             out = f"{tmp}/try{i}"
             p = subprocess.Popen([*TRAIN, "--data", data, "--out-dir", out, *TINY],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.2, 1.0) * duration)
+            time.sleep(rng.uniform(0.3, 0.9) * duration)
             p.send_signal(signal.SIGINT)
-            if p.wait() != 130:  # finished (or not yet started training) before the signal
+            if p.wait() != 130 or not Path(f"{out}/ckpt.pt").exists():  # finished, or stopped before it began
                 print(f"try {i}: not interrupted mid-run (exit {p.returncode})")
                 continue
             stopped_at = torch.load(f"{out}/ckpt.pt", weights_only=True)["step"]
