@@ -26,6 +26,14 @@ TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length",
         "--max-iters", "40", "--eval-interval", "10", "--dropout", "0.1"]
 
 
+def start(data, out):
+    """Start a tiny training run -> (the process, the time its first ckpt.pt appeared)."""
+    p = subprocess.Popen([*TRAIN, "--data", data, "--out-dir", out, *TINY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not Path(f"{out}/ckpt.pt").exists() and p.poll() is None:
+        time.sleep(0.01)
+    return p, time.time()
+
+
 def differences(a, b):
     """Names of what differs between two ckpt.pt dicts, with the largest difference of each tensor."""
     found = [f"{k} (max {(a['model'][k] - b['model'][k]).abs().max().item():.1e})"
@@ -44,19 +52,18 @@ def main():
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         data = shutil.copy(args.data, Path(tmp) / "data.txt")
-        t0 = time.time()
-        subprocess.run([*TRAIN, "--data", data, "--out-dir", f"{tmp}/straight", *TINY], check=True, capture_output=True)
-        duration = time.time() - t0
+        p, first_save = start(data, f"{tmp}/straight")
+        p.wait()
+        tail = time.time() - first_save  # how long the run goes on after its first checkpoint
         straight = torch.load(f"{tmp}/straight/ckpt.pt", weights_only=True)
         equal = interrupted = 0
         for i in range(args.tries):
             out = f"{tmp}/try{i}"
-            p = subprocess.Popen([*TRAIN, "--data", data, "--out-dir", out, *TINY],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.3, 0.9) * duration)
+            p, _ = start(data, out)
+            time.sleep(rng.uniform(0.0, 0.9) * tail)  # a random moment after the first checkpoint
             p.send_signal(signal.SIGINT)
-            if p.wait() != 130 or not Path(f"{out}/ckpt.pt").exists():  # finished, or stopped before it began
-                print(f"try {i}: not interrupted mid-run (exit {p.returncode})")
+            if p.wait() != 130:
+                print(f"try {i}: finished before the Ctrl-C (exit {p.returncode})")
                 continue
             stopped_at = torch.load(f"{out}/ckpt.pt", weights_only=True)["step"]
             subprocess.run([*TRAIN, "--out-dir", out, "--resume"], check=True, capture_output=True)
@@ -64,7 +71,7 @@ def main():
             interrupted += 1
             equal += not found
             print(f"try {i}: stopped at step {stopped_at}, resumed: " + ("bitwise equal" if not found else
-                                                                         "DIFFERENT: " + ", ".join(found[:4])))
+                                                                         "DIFFERENT: " + ", ".join(found[:4])), flush=True)
     print(f"{equal} of {interrupted} interrupted runs resumed bitwise equal to the uninterrupted run")
 
 
