@@ -25,7 +25,6 @@ from common import MODELS_DIR, UserError, argument_parser, load_model, load_toke
 from gpt2 import ALIASES, GPT, MODEL_SIZES, GPTConfig, size_name
 
 LABEL_CHARS = 12  # longest token label drawn on an axis
-DPI = 100
 
 
 # -----------------------------------------------------------------------------
@@ -53,17 +52,21 @@ def index_tensors(folder):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up logging off
     import tensorflow as tf  # only here: OpenAI's index is a TensorFlow file
 
-    with open(os.path.join(folder, "hparams.json"), encoding="utf-8") as f:
-        hp = json.load(f)
-    config = GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"], n_head=hp["n_head"],
-                       n_layer=hp["n_layer"])
+    path = os.path.join(folder, "hparams.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hp = json.load(f)
+        config = GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"], n_head=hp["n_head"],
+                           n_layer=hp["n_layer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not GPT-2's hparams.json ({type(e).__name__}: {e})") from None
     found = {name: tuple(shape) for name, shape in tf.train.list_variables(os.path.join(folder, "model.ckpt"))}
     tensors = []
     for name, p in skeleton(config).named_parameters():
-        expected = openai_shape(name, p.shape)
-        if found.get(GPT.openai_name(name)) != expected:
-            raise UserError(f"{folder}: {GPT.openai_name(name)} should have shape {list(expected)}, "
-                            f"the index has {found.get(GPT.openai_name(name))}")
+        tf_name, expected = GPT.openai_name(name), openai_shape(name, p.shape)
+        if found.get(tf_name) != expected:
+            has = list(found[tf_name]) if tf_name in found else "nothing by that name"
+            raise UserError(f"{folder}: {tf_name} should have shape {list(expected)}, the index has {has}")
         tensors.append((name, tuple(p.shape)))
     return tensors
 
@@ -150,7 +153,7 @@ def pyplot():
 def save(fig, out, name):
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, name)
-    fig.savefig(path + ".tmp.png", dpi=DPI)
+    fig.savefig(path + ".tmp.png", bbox_inches="tight")  # nothing cut off at the edges
     pyplot().close(fig)
     os.replace(path + ".tmp.png", path)
     return path
@@ -214,7 +217,7 @@ def show_attention(model, tokenizer, text, layer, head, out):
     print(f"layer {layer}, head {head} ({one}): each token and the token it attends to most")
     for q, row in enumerate(weights[head]):
         k = row.argmax().item()
-        print(f"  {labels[q]!r:>16} -> {labels[k]!r:<16} {row[k].item():.2f}")
+        print(f"  {tokenizer.decode([ids[q]])!r:>16} -> {tokenizer.decode([ids[k]])!r:<16} {row[k].item():.2f}")
     print(f"layer {layer}, all heads ({grid}): mean weight on itself / the previous token / the first token")
     for h, w in enumerate(weights):  # over tokens 1..T-1: token 0 can only attend to itself
         print(f"  head {h:>2}: {w.diagonal()[1:].mean():.2f} / {w.diagonal(-1).mean():.2f} / {w[1:, 0].mean():.2f}")
@@ -274,7 +277,7 @@ def show_words(model, tokenizer, words, out):
     if len(words) < 3:
         raise UserError("--words needs at least 3 words to place on a plane")
     ids = [word_id(tokenizer, w) for w in words]
-    xy, share = pca_2d(model.transformer.wte.weight[ids].float())
+    xy, share = pca_2d(model.transformer.wte.weight[ids])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(xy[:, 0], xy[:, 1])
@@ -297,7 +300,7 @@ def show_words(model, tokenizer, words, out):
 def next_token_probabilities(model, ids):
     """Token ids (T,) -> (T, vocab_size): row t is the model's distribution over token t + 1."""
     logits, _ = model(torch.tensor([ids]))
-    return F.softmax(logits[0].float(), dim=-1)
+    return F.softmax(logits[0], dim=-1)
 
 
 def show_next(model, tokenizer, text, k, out):
@@ -305,12 +308,12 @@ def show_next(model, tokenizer, text, k, out):
     probs = next_token_probabilities(model, ids)
     surprisal = [-math.log(probs[t, ids[t + 1]].item()) for t in range(len(ids) - 1)]  # nats; the loss is its mean
     loss = sum(surprisal) / len(surprisal)
-    print(f"{'token':>16}  {'next':<16} {'p(next)':>8} {'-ln p':>6}   top {k} predictions")
+    print(f"{'token':>16}  {'next':<16} {'p(next)':>9} {'-ln p':>6}   top {k} predictions")
     for t, i in enumerate(ids):
         top = probs[t].topk(k)
         guesses = ", ".join(f"{tokenizer.decode([j])!r} {p:.4g}" for p, j in zip(top.values.tolist(), top.indices.tolist()))
-        actual = (f"{tokenizer.decode([ids[t + 1]])!r:<16} {probs[t, ids[t + 1]].item():>8.4g} {surprisal[t]:>6.2f}"
-                  if t + 1 < len(ids) else f"{'(end)':<16} {'':>8} {'':>6}")
+        actual = (f"{tokenizer.decode([ids[t + 1]])!r:<16} {probs[t, ids[t + 1]].item():>9.4g} {surprisal[t]:>6.2f}"
+                  if t + 1 < len(ids) else f"{'(end)':<16} {'':>9} {'':>6}")
         print(f"{tokenizer.decode([i])!r:>16}  {actual}   {guesses}")
     print(f"loss {loss:.3f} nats per token, perplexity {math.exp(loss):.1f} ({len(surprisal)} predictions)")
 
@@ -337,30 +340,31 @@ def main():
     parser.add_argument("--head", type=number(int, 0), default=0, help="the head --attention draws alone")
     parser.add_argument("--neighbors", metavar="WORD", help="the tokens whose embeddings are closest to this word's")
     parser.add_argument("--analogy", metavar="'A - B + C'", help="embedding arithmetic: the tokens closest to the sum")
-    parser.add_argument("--words", nargs="+", metavar="WORD", help="draw these words' embeddings on a plane (PCA)")
+    parser.add_argument("--words", nargs="+", metavar="WORD", help="draw these words' embeddings on a plane (PCA; 3 words or more)")
     parser.add_argument("--next", metavar="TEXT", help="the next-token predictions at each position, the loss and surprisal")
     parser.add_argument("--top-k", type=number(int, 1), default=5, help="tokens shown per prediction or per search")
     args = parser.parse_args()
-    if not (args.weights or args.attention or args.neighbors or args.analogy or args.words or args.next):
+    views_of_the_model = [args.attention, args.neighbors, args.analogy, args.words, args.next]
+    if not args.weights and all(view is None for view in views_of_the_model):
         parser.error("choose at least one view: --weights, --attention, --neighbors, --analogy, --words or --next")
 
     if args.weights:
         show_weights(args.model)
-    if not (args.attention or args.neighbors or args.analogy or args.words or args.next):
-        return
+    if all(view is None for view in views_of_the_model):
+        return  # --weights alone reads an OpenAI folder's index, not its weights
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     if tokenizer.enc.n_vocab > model.config.vocab_size:
         raise UserError(f"{args.model} has {model.config.vocab_size} tokens, fewer than GPT-2's tokenizer "
                         f"({tokenizer.enc.n_vocab}): it was not trained on GPT-2's tokens")
-    if args.attention:
+    if args.attention is not None:
         show_attention(model, tokenizer, args.attention, args.layer, args.head, args.out)
-    if args.neighbors:
+    if args.neighbors is not None:
         show_neighbors(model, tokenizer, args.neighbors, args.top_k)
-    if args.analogy:
+    if args.analogy is not None:
         show_analogy(model, tokenizer, args.analogy, args.top_k)
-    if args.words:
+    if args.words is not None:
         show_words(model, tokenizer, args.words, args.out)
-    if args.next:
+    if args.next is not None:
         show_next(model, tokenizer, args.next, args.top_k, args.out)
 
 

@@ -1418,6 +1418,8 @@ def test_explore_attention_weights_are_causal_sum_to_1_and_equal_q_dot_k():
             scores = (q @ k.transpose(1, 2) / math.sqrt(C // H)).exp() * ~later
             torch.testing.assert_close(w, scores / scores.sum(-1, keepdim=True))
     assert weights.std() > 0.05  # not uniform: the comparison means something
+    with pytest.raises(UserError, match="--layer 2 --head 0: the model has layers 0-1 and heads 0-3"):
+        explore.show_attention(model, Tokenizer(), "a b c", 2, 0, "unused")
 
 
 def explore_brute_force(wte, vector, k, exclude):
@@ -1506,7 +1508,6 @@ def test_explore_script_prints_brute_force_neighbors_and_transformers_probabilit
 @pytest.mark.parametrize("args, message", [
     (["--neighbors", "Xqzvbtkw"], "error: ' Xqzvbtkw' is 6 tokens"),
     (["--next", "word " * 70], "error: --next: the text is 71 tokens, longer than the model's context window (64)"),
-    (["--attention", "a b c", "--layer", 2], "error: --layer 2 --head 0: the model has layers 0-1 and heads 0-3"),
 ])
 def test_explore_bad_input_is_one_clear_line(explore_run, args, message):
     model, pictures, _ = explore_run
