@@ -1442,6 +1442,19 @@ def test_explore_neighbors_and_analogy_equal_brute_force():
     assert explore.parse_sum("king - man + woman") == [(1, "king"), (-1, "man"), (1, "woman")]
 
 
+def test_explore_pca_equals_the_covariance_eigenvectors():
+    """--words' plane: the two eigenvectors of the covariance with the largest eigenvalues (numpy), up to sign."""
+    import numpy as np
+
+    x = tiny_model(seed=9).transformer.wte.weight.detach()[:10]
+    xy, share = explore.pca_2d(x)
+    centred = x.double().numpy() - x.double().numpy().mean(axis=0)
+    values, vectors = np.linalg.eigh(centred.T @ centred)  # ascending
+    expected = centred @ vectors[:, [-1, -2]]
+    np.testing.assert_allclose(np.abs(xy.numpy()), np.abs(expected), atol=1e-4)
+    np.testing.assert_allclose(share, values[[-1, -2]] / values.sum(), atol=1e-5)
+
+
 def test_explore_next_token_probabilities_equal_softmax_of_transformers_logits():
     model = tiny_model(seed=7)
     ids = torch.randint(0, TINY["vocab_size"], (30,))
