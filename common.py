@@ -14,7 +14,7 @@ from glob import glob
 
 import torch
 
-from gpt2 import ALIASES, GPT, MODEL_SIZES, GPTConfig, Tokenizer, openai_tokenizer, size_name
+from gpt2 import GPT, GPTConfig, Tokenizer, openai_tokenizer, size_name
 
 MODELS_DIR = "models"  # download_weights.py puts OpenAI's checkpoints in models/<size>/
 
@@ -147,16 +147,21 @@ def write_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def model_path(spec):
+    """What --model names: an existing file or folder as it is; a size name (gpt2, 124M, ...) as models/<size>/."""
+    if os.path.exists(spec):
+        return spec
+    try:
+        return os.path.join(MODELS_DIR, size_name(spec))
+    except ValueError:
+        raise UserError(f"{spec} not found: pass a size name, an OpenAI model folder or a .pt checkpoint") from None
+
+
 def load_model(spec):
-    """A size name (gpt2, 124M, ...) -> models/<size>/, or a folder / .pt path -> GPT in eval mode."""
-    path = spec
-    if not os.path.exists(spec):
-        try:
-            path = os.path.join(MODELS_DIR, size_name(spec))
-        except ValueError:
-            raise UserError(f"{spec} not found: pass a size name, an OpenAI model folder or a .pt checkpoint") from None
-        if not os.path.isfile(os.path.join(path, "model.ckpt.index")):
-            raise UserError(f"no weights in {path}: run  python download_weights.py --model {size_name(spec)}")
+    """A size name, an OpenAI folder or a .pt of ours -> GPT in eval mode."""
+    path = model_path(spec)
+    if not os.path.exists(path):
+        raise UserError(f"no weights in {path}: run  python download_weights.py --model {size_name(spec)}")
     if os.path.isdir(path):  # OpenAI's files: TensorFlow reads them, and its start-up log is not for our users
         with quiet_stderr():
             import tensorflow  # noqa: F401
@@ -179,7 +184,10 @@ def quiet_stderr():
 def load_tokenizer(spec=None):
     """GPT-2's tokenizer: from a model folder's encoder.json when spec names one (works offline),
     else tiktoken's (downloaded once, then cached), else any downloaded model's encoder.json."""
-    folder = os.path.join(MODELS_DIR, size_name(spec)) if spec in MODEL_SIZES or spec in ALIASES else spec
+    try:
+        folder = model_path(spec) if spec else None
+    except UserError:  # "scratch", or a file that is not there: tiktoken's then
+        folder = None
     if folder and os.path.isfile(os.path.join(folder, "encoder.json")):
         return openai_tokenizer(folder)
     try:

@@ -13,7 +13,6 @@ A word (--neighbors, --analogy, --words) is read as it appears after a space in 
 (' king'), and must be a single token.
 """
 
-import json
 import math
 import os
 import re
@@ -21,8 +20,8 @@ import re
 import torch
 from torch.nn import functional as F
 
-from common import MODELS_DIR, UserError, argument_parser, load_model, load_tokenizer, number, run
-from gpt2 import ALIASES, GPT, MODEL_SIZES, GPTConfig, size_name
+from common import UserError, argument_parser, load_model, load_tokenizer, model_path, number, quiet_stderr, run
+from gpt2 import GPT, MODEL_SIZES, GPTConfig
 
 LABEL_CHARS = 12  # longest token label drawn on an axis
 
@@ -49,17 +48,10 @@ def count_parameters(config):
 def index_tensors(folder):
     """[(our name, shape)] of an OpenAI checkpoint, from hparams.json and the index alone
     (the data file is not read, nor needed); the shapes are the index's, in our layout."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up logging off
-    import tensorflow as tf  # only here: OpenAI's index is a TensorFlow file
+    with quiet_stderr():  # TensorFlow's start-up log
+        import tensorflow as tf  # only here: OpenAI's index is a TensorFlow file
 
-    path = os.path.join(folder, "hparams.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hp = json.load(f)
-        config = GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"], n_head=hp["n_head"],
-                           n_layer=hp["n_layer"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not GPT-2's hparams.json ({type(e).__name__}: {e})") from None
+    config = GPT.openai_config(folder)
     found = {name: tuple(shape) for name, shape in tf.train.list_variables(os.path.join(folder, "model.ckpt"))}
     tensors = []
     for name, p in skeleton(config).named_parameters():
@@ -74,7 +66,7 @@ def index_tensors(folder):
 def model_tensors(spec):
     """[(our name, shape)] of every tensor of --model, the tied output head once. An OpenAI
     folder (or a size name's) is read from its index; anything else is loaded."""
-    folder = os.path.join(MODELS_DIR, size_name(spec)) if spec in MODEL_SIZES or spec in ALIASES else spec
+    folder = model_path(spec)
     if os.path.isfile(os.path.join(folder, "model.ckpt.index")):
         return index_tensors(folder)
     return [(name, tuple(p.shape)) for name, p in load_model(spec).named_parameters()]

@@ -328,7 +328,12 @@ class GPT(nn.Module):
         train.py -> GPT in eval mode. Every weight must be found, once, with its exact shape."""
         if os.path.isfile(path):
             return cls.from_checkpoint(path)
-        model, ckpt = cls._openai_model(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} not found: pass a model folder or a .pt checkpoint")
+        for name in ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{os.path.join(path, name)} not found: the checkpoint in {path} is incomplete")
+        model, ckpt = cls.empty(cls.openai_config(path)), os.path.join(path, "model.ckpt")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up logging off
         import tensorflow as tf  # only needed here, to read OpenAI's files
 
@@ -352,23 +357,17 @@ class GPT(nn.Module):
             params[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
         return model.eval()
 
-    @classmethod
-    def _openai_model(cls, folder):
-        """Check an OpenAI folder is whole and build an empty model from its hparams.json."""
-        hparams_path, ckpt = os.path.join(folder, "hparams.json"), os.path.join(folder, "model.ckpt")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder} not found: pass a model folder or a .pt checkpoint")
-        for path in (hparams_path, ckpt + ".index", ckpt + ".data-00000-of-00001"):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} not found: the checkpoint in {folder} is incomplete")
+    @staticmethod
+    def openai_config(folder):
+        """The GPTConfig of an OpenAI folder, from its hparams.json."""
+        path = os.path.join(folder, "hparams.json")
         try:
-            with open(hparams_path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 hp = json.load(f)
-            config = GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"],
-                               n_head=hp["n_head"], n_layer=hp["n_layer"])
+            return GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"],
+                             n_head=hp["n_head"], n_layer=hp["n_layer"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{hparams_path} is not GPT-2's hparams.json ({type(e).__name__}: {e})") from None
-        return cls.empty(config), ckpt
+            raise ValueError(f"{path} is not GPT-2's hparams.json ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_checkpoint(cls, path):

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 import bench
 import common
 import download_weights
+import explore
 import finetune_spam as fs
 from common import UserError, configure_optimizer, download, save_atomic
 from finetune_instruct import (
@@ -1613,8 +1614,6 @@ def test_bench_rejects_bad_size(tmp_path):
 
 # =============================================================================
 # explore.py: weights, attention, embeddings and predictions, each against a reference
-
-import explore  # noqa: E402
 
 
 def explore_png_ok(path):
