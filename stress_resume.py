@@ -60,7 +60,7 @@ def main():
         for i in range(args.tries):
             out = f"{tmp}/try{i}"
             p, _ = start(data, out)
-            time.sleep(rng.uniform(0.0, 0.9) * tail)  # a random moment after the first checkpoint
+            time.sleep(rng.uniform(0.0, 0.6) * tail)  # a random moment after the first checkpoint (the tail ends with a plot)
             p.send_signal(signal.SIGINT)
             if p.wait() != 130:
                 print(f"try {i}: finished before the Ctrl-C (exit {p.returncode})")
