@@ -152,9 +152,10 @@ def unchanged_files(manifest, sources):
     """How many of the first files are as the manifest recorded them: same path, size and modification time."""
     if not manifest or manifest["separator"] != sources["separator"]:
         return 0
-    key = lambda f: (f["path"], f["bytes"], f["mtime_ns"])  # noqa: E731
     n = 0
-    while n < min(len(manifest["files"]), len(sources["files"])) and key(manifest["files"][n]) == key(sources["files"][n]):
+    for old, new in zip(manifest["files"], sources["files"]):
+        if any(old[k] != new[k] for k in ("path", "bytes", "mtime_ns")):
+            break
         n += 1
     return n
 
