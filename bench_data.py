@@ -6,8 +6,9 @@ training on that corpus, beside training on one copy of the text.
     python bench_data.py --text ../shared/data/tinyshakespeare.txt --mb 30 --repeat 1   # a quick look
 
 The corpus is --text repeated into files of about --file-mb each, in a temporary folder. Each
-repeat times one thread first, then the preparation, back to back, so that their ratio holds
-even when other work shares the CPU.
+repeat times one thread first, then the preparation, back to back. Where other work shares the
+CPU the wall-clock ratio says little (Linux shares the CPU between sessions, not threads); the
+tokens per CPU second and the cores used (CPU time / wall time) say what the threads cost and got.
 """
 
 import os
@@ -41,37 +42,38 @@ def make_corpus(text_path, folder, mb, file_mb):
 
 
 def one_thread(folder, tokenizer):
-    """Tokens per second of tiktoken in this one thread, on each whole file of folder."""
-    tokens, t0 = 0, time.time()
+    """tiktoken in this one thread, on each whole file of folder -> (tokens per second, per CPU second)."""
+    tokens, t0, cpu0 = 0, time.time(), time.thread_time()
     for name in sorted(os.listdir(folder)):
         with open(os.path.join(folder, name), encoding="utf-8") as f:
             tokens += len(tokenizer.encode(f.read()))
-    return tokens / (time.time() - t0)
+    return tokens / (time.time() - t0), tokens / (time.thread_time() - cpu0)
 
 
 def run_measured(cmd):
-    """Run cmd -> (its stdout, wall seconds, peak resident memory in MB)."""
+    """Run cmd -> (its stdout, wall seconds, CPU seconds, peak resident memory in MB)."""
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage
     if status != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}")
-    return out, time.time() - t0, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return out, time.time() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
 
 
 def prepare(folder):
-    """train.py --prepare-only on a folder not yet tokenized -> (tokens, tokens/s of the preparation, peak MB)."""
+    """train.py --prepare-only on a folder not yet tokenized -> (tokens, tokens/s of the preparation,
+    tokens per CPU second, cores used on average, peak MB); CPU figures include starting Python."""
     shutil.rmtree(folder + ".tokens", ignore_errors=True)
-    out, _, rss = run_measured([sys.executable, TRAIN, "--data", folder, "--prepare-only"])
+    out, wall, cpu, rss = run_measured([sys.executable, TRAIN, "--data", folder, "--prepare-only"])
     seconds = float(re.search(r"tokens in ([\d.]+) s", out).group(1))  # the preparation alone, without the start of python
     tokens = int(out.strip().splitlines()[-1].split()[0].replace(",", ""))
-    return tokens, tokens / seconds, rss
+    return tokens, tokens / seconds, tokens / cpu, cpu / wall, rss
 
 
 def train_rss(data, out_dir):
     """Peak MB of a few training steps on data."""
-    return run_measured([sys.executable, TRAIN, "--data", data, "--out-dir", out_dir, "--overwrite", *TRAIN_ARGS])[2]
+    return run_measured([sys.executable, TRAIN, "--data", data, "--out-dir", out_dir, "--overwrite", *TRAIN_ARGS])[3]
 
 
 def main():
@@ -92,11 +94,12 @@ def main():
               f"{cores} cores; load average {os.getloadavg()[0]:.1f} at the start")
         ratios = []
         for r in range(args.repeat):
-            single = one_thread(folder, tokenizer)
-            tokens, speed, rss = prepare(folder)
+            single, single_cpu = one_thread(folder, tokenizer)
+            tokens, speed, speed_cpu, cores_used, rss = prepare(folder)
             ratios.append(speed / single)
-            print(f"run {r + 1}: one thread {single:,.0f} tokens/s; --prepare-only {speed:,.0f} tokens/s "
-                  f"= {speed / single:.2f}x, peak RSS {rss:,.0f} MB ({tokens:,} tokens); load average {os.getloadavg()[0]:.1f}")
+            print(f"run {r + 1}: one thread {single:,.0f} tokens/s; --prepare-only {speed:,.0f} tokens/s = {speed / single:.2f}x, "
+                  f"peak RSS {rss:,.0f} MB ({tokens:,} tokens); per CPU second {single_cpu:,.0f} and {speed_cpu:,.0f} tokens, "
+                  f"{cores_used:.2f} cores used; load average {os.getloadavg()[0]:.1f}")
         best = max(ratios)
         per_core = speed / cores
         print(f"10B tokens: {TARGET_TOKENS / speed / 3600:.1f} h here at the last run's speed; on 16 cores, if each "
