@@ -3,22 +3,27 @@ GPT-2 124M from scratch on the-verdict.txt, context 256, batch 2, AdamW 4e-4, 10
 
     python train.py                                   # the book's run; writes out/ckpt.pt, out/best.pt, out/loss.png
     python train.py --resume                          # continue out/ckpt.pt exactly where it stopped
+    python train.py --data corpus/ --prepare-only     # tokenize into corpus.tokens/ (shards + manifest.json), then exit
     python train.py --data corpus/ --max-iters 5000 --warmup-iters 200 --min-lr 4e-5 --grad-clip 1.0
     torchrun --nproc_per_node=4 train.py --batch-size 8   # data-parallel; same global batch, same losses
     python train.py --eval-only --init-from gpt2 --data some.txt
 
-The text is tokenized once (cached beside it), split by tokens: the first 90% train and the
+The text is tokenized once (cached beside it in <data>.tokens/), split by tokens: the first 90% train and the
 last 10% validate, each cut into windows of context_length tokens with stride context_length.
 """
 
 import argparse
+import bisect
 import contextlib
-import hashlib
+import functools
+import json
 import math
 import os
 import signal
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from glob import glob
 
 import numpy as np
@@ -27,11 +32,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT, GPTConfig
 
 DEFAULT_DATA = "data/the-verdict.txt"
 VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+CHUNK_CHARS = 1 << 20  # characters read and encoded at a time: preparation holds a few chunks per core
+SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB of uint16), as build-nanogpt's FineWeb shards
 TRAIN_FRACTION = 0.9  # of the tokens; the rest is the validation set
 PROMPT = "Every effort moves you"  # the book's fixed prompt for the samples printed at each evaluation
 SAMPLE_TOKENS = 50
@@ -44,9 +51,9 @@ FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_
 
 
 def text_files(path):
-    """A text file, or the .txt files of a folder in name order."""
+    """A text file, or the .txt files anywhere under a folder, sorted by path."""
     if os.path.isdir(path):
-        files = sorted(glob(os.path.join(path, "*.txt")))
+        files = sorted(glob(os.path.join(path, "**", "*.txt"), recursive=True))
         if not files:
             raise UserError(f"no .txt files in {path}: --data takes a text file or a folder of .txt files")
         return files
@@ -55,38 +62,165 @@ def text_files(path):
     return [path]
 
 
-def load_tokens(path, tokenizer):
-    """All of path's text as GPT-2 token ids (uint16), documents of a folder separated by
-    <|endoftext|>. Cached in <path>.tokens.bin, which starts with the sha256 of the text it
-    holds, so text that changed is tokenized again."""
-    files = text_files(path)
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            data = fh.read()
-        digest.update(f"{os.path.basename(f)}\0{len(data)}\0".encode())
-        digest.update(data)
-    key, cache = digest.digest(), os.path.normpath(path) + ".tokens.bin"
-    if os.path.isfile(cache):
-        with open(cache, "rb") as fh:
-            if fh.read(len(key)) == key:
-                return np.memmap(cache, dtype=np.uint16, mode="r", offset=len(key))
-    ids = []
-    for f in tqdm(files, desc="tokenizing", unit="file", disable=len(files) == 1):
+def cut_point(text):
+    """The last place text can be cut without changing its tokens, 0 if none: before a newline or
+    space that precedes a letter or digit. GPT-2's pre-tokenizer never joins across it (the space
+    or newline starts a piece of its own or the next word's; whitespace before it ends a piece
+    either way), so encode(a) + encode(b) == encode(a + b)."""
+    for sep in "\n ":
+        i = len(text)
+        while (i := text.rfind(sep, 0, i)) > 0:
+            if text[i + 1:i + 2].isalnum():
+                return i
+    return 0
+
+
+def read_pieces(files):
+    """((file index, is its last piece), text) for pieces of about CHUNK_CHARS characters of each file
+    in turn: a file is never held whole, and its pieces encode to exactly the file's tokens."""
+    for n, f in enumerate(files):
         try:
-            with open(f, encoding="utf-8") as fh:
-                text = fh.read()
+            with open(f, encoding="utf-8") as fh:  # text mode decodes characters split between reads
+                text = ""
+                while block := fh.read(CHUNK_CHARS):
+                    text += block
+                    if len(block) == CHUNK_CHARS and (cut := cut_point(text)):  # a shorter block ends the file
+                        yield (n, False), text[:cut]
+                        text = text[cut:]
+                yield (n, True), text
         except UnicodeDecodeError as e:
-            raise UserError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
-        ids += tokenizer.encode(text) + ([tokenizer.eot_id] if len(files) > 1 else [])
-    tokens = np.array(ids, dtype=np.uint16)  # GPT-2's 50,257 ids fit in 16 bits
+            raise UserError(f"{f} is not UTF-8 text ({e.reason}): convert it to UTF-8") from None
+
+
+def encode_in_order(encode, pieces, workers):
+    """(tag, encode(text)) for each (tag, text) of pieces, in order, by `workers` threads (tiktoken
+    lets go of the GIL while it encodes); at most 2 x workers pieces are read ahead."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for tag, text in pieces:
+            pending.append((tag, pool.submit(encode, text)))
+            if len(pending) > 2 * workers:
+                tag, future = pending.popleft()
+                yield tag, future.result()
+        for tag, future in pending:
+            yield tag, future.result()
+
+
+def shard_path(cache, i):
+    return os.path.join(cache, f"shard_{i:05d}.bin")
+
+
+class ShardWriter:
+    """Appends token ids to a cache's shards, SHARD_TOKENS to a file; `sizes`: the tokens in the shards kept."""
+
+    def __init__(self, cache, sizes):
+        self.cache, self.sizes = cache, sizes
+
+    def write(self, ids):
+        while len(ids):
+            new = not self.sizes or self.sizes[-1] >= SHARD_TOKENS
+            if new:
+                self.sizes.append(0)
+            n = min(len(ids), SHARD_TOKENS - self.sizes[-1])
+            with open(shard_path(self.cache, len(self.sizes) - 1), "wb" if new else "ab") as f:
+                ids[:n].tofile(f)
+            self.sizes[-1] += n
+            ids = ids[n:]
+
+
+class Tokens:
+    """The ids in a cache's shards as one sequence, memory-mapped: tokens[a:b] reads just those from disk."""
+
+    def __init__(self, cache, sizes):
+        self.shards = [np.memmap(shard_path(cache, i), dtype=np.uint16, mode="r", shape=(n,)) for i, n in enumerate(sizes)]
+        self.starts = np.cumsum([0, *sizes]).tolist()  # where each shard begins in the sequence
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def __getitem__(self, s):
+        begin, end, _ = s.indices(len(self))
+        parts, i = [], bisect.bisect_right(self.starts, begin) - 1
+        while begin < end:  # a window may run over from one shard into the next
+            take = min(end, self.starts[i + 1])
+            parts.append(self.shards[i][begin - self.starts[i]:take - self.starts[i]])
+            begin, i = take, i + 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def unchanged_files(manifest, sources):
+    """How many of the first files are as the manifest recorded them: same path, size and modification time."""
+    if not manifest or manifest["separator"] != sources["separator"]:
+        return 0
+    n = 0
+    for old, new in zip(manifest["files"], sources["files"]):
+        if any(old[k] != new[k] for k in ("path", "bytes", "mtime_ns")):
+            break
+        n += 1
+    return n
+
+
+def prepare(files, sources, cache, old, keep, tokenizer):
+    """Tokenize files[keep:] into the cache's shards after the tokens of files[:keep] (recorded in the old
+    manifest), then write the manifest -> the manifest."""
+    counts = [f["tokens"] for f in old["files"][:keep]] if keep else []  # each file's tokens
+    kept, sizes = sum(counts), []
+    for n in old["shards"] if keep else []:  # the shards holding the kept tokens, the last one cut to them
+        if sum(sizes) == kept:
+            break
+        sizes.append(min(n, kept - sum(sizes)))
     try:
-        with open(cache + ".tmp", "wb") as fh:
-            fh.write(key + tokens.tobytes())
-        os.replace(cache + ".tmp", cache)
-    except OSError as e:  # a read-only folder: train anyway, tokenizing again next time
-        print(f"note: could not write the token cache {cache} ({e})", file=sys.stderr)
-    return tokens
+        os.makedirs(cache, exist_ok=True)
+        if os.path.exists(os.path.join(cache, "manifest.json")):
+            os.remove(os.path.join(cache, "manifest.json"))  # shards without a manifest are never trusted
+        if sizes:
+            os.truncate(shard_path(cache, len(sizes) - 1), 2 * sizes[-1])
+    except OSError as e:
+        raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder you can write") from None
+
+    def encode(text):
+        return np.array(tokenizer.encode(text), dtype=np.uint16), len(text.encode())  # 16 bits hold GPT-2's 50,257 ids
+
+    counts += [0] * (len(files) - keep)
+    writer, eot = ShardWriter(cache, sizes), np.array([tokenizer.eot_id], dtype=np.uint16)
+    t0, total = time.time(), sum(f["bytes"] for f in sources["files"][keep:])
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", delay=1) as bar:
+        for (n, last), (ids, size) in encode_in_order(encode, read_pieces(files[keep:]), os.cpu_count() or 1):
+            writer.write(ids)
+            counts[keep + n] += len(ids)
+            if last and sources["separator"]:
+                writer.write(eot)
+                counts[keep + n] += 1
+            bar.update(size)
+    for stale in set(glob(os.path.join(cache, "shard_*.bin"))) - {shard_path(cache, i) for i in range(len(writer.sizes))}:
+        os.remove(stale)  # a shard of an earlier, longer corpus
+    manifest = {**sources, "files": [{**f, "tokens": c} for f, c in zip(sources["files"], counts)],
+                "shards": writer.sizes, "tokens": sum(counts)}
+    write_json(manifest, os.path.join(cache, "manifest.json"))
+    dt, new = time.time() - t0, sum(counts) - kept
+    print(f"tokenized {len(files) - keep} of {len(files)} file(s), {total / 1e6:,.1f} MB, into {new:,} tokens in {dt:.1f} s "
+          f"({new / max(dt, 1e-9):,.0f} tokens/s): {cache}")
+    return manifest
+
+
+def load_tokens(path, tokenizer):
+    """All of path's text as GPT-2 token ids (Tokens: read lazily), each document of a folder followed
+    by <|endoftext|>. They are cached in <path>.tokens/: shards of uint16 and manifest.json, which
+    records each file's size and modification time, so that changed or added files are tokenized again."""
+    files, cache = text_files(path), os.path.normpath(path) + ".tokens"
+    root = path if os.path.isdir(path) else os.path.dirname(path)
+    stats = [(os.path.relpath(f, root), os.stat(f)) for f in files]
+    sources = {"separator": os.path.isdir(path),  # a folder's documents end with <|endoftext|>, a single file does not
+               "files": [{"path": p, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in stats]}
+    try:
+        with open(os.path.join(cache, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = None
+    keep = unchanged_files(manifest, sources)
+    if keep < len(files) or len(manifest["files"]) != len(files):
+        manifest = prepare(files, sources, cache, manifest, keep, tokenizer)
+    return Tokens(cache, manifest["shards"])
 
 
 def load_data(path, tokenizer):
@@ -100,8 +234,9 @@ def load_data(path, tokenizer):
 
 def window_starts(begin, end, context_length):
     """Where the windows of tokens[begin:end] start, as in the book: stride = context_length,
-    and each window needs context_length + 1 tokens (the targets are the inputs shifted by one)."""
-    return list(range(begin, end - context_length, context_length))
+    and each window needs context_length + 1 tokens (the targets are the inputs shifted by one).
+    A range: window i's start is computed from i, so no list grows with the corpus."""
+    return range(begin, end - context_length, context_length)
 
 
 def get_batch(tokens, starts, context_length, device):
@@ -110,11 +245,17 @@ def get_batch(tokens, starts, context_length, device):
     return w[:, :-1].to(device), w[:, 1:].to(device)
 
 
+@functools.lru_cache(maxsize=1)
+def epoch_order(n, seed):
+    """A shuffle of n windows, drawn once per epoch: 8 bytes a window (80 MB for 10B tokens in windows of 1024)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def step_windows(train_starts, step, batch_size, seed):
     """The batch_size training windows of optimizer step `step`: each epoch shuffles the windows
     with a seed of its own, so a resumed run sees the same batches (an epoch's last partial batch is dropped)."""
     epoch, i = divmod(step, len(train_starts) // batch_size)
-    order = torch.randperm(len(train_starts), generator=torch.Generator().manual_seed(seed + epoch))
+    order = epoch_order(len(train_starts), seed + epoch)
     return [train_starts[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
 
 
@@ -127,6 +268,8 @@ def parse_args():
     parser = argument_parser(__doc__)
     parser.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file or a folder of .txt files "
                         "(the default is downloaded when missing)")
+    parser.add_argument("--prepare-only", action="store_true", help="tokenize --data into its cache <data>.tokens/, "
+                        "print the number of tokens and exit")
     parser.add_argument("--out-dir", default="out", help="where ckpt.pt (latest), best.pt (best validation loss) and loss.png go")
     add_overwrite_arg(parser, "--out-dir")
     add_model_args(parser, "scratch")
@@ -154,7 +297,7 @@ def parse_args():
     args = parser.parse_args()
     check_size_args(args)
     paths = [os.path.join(args.out_dir, name) for name in OUT_FILES]
-    if args.eval_only:
+    if args.eval_only or args.prepare_only:
         return args, None
     if not args.resume:
         check_out_files(paths, args.overwrite, "--resume continues it, ")
@@ -331,6 +474,10 @@ def main():
     tokens = load_data(args.data, tokenizer)
     if master and world > 1:
         dist.barrier()
+    if args.prepare_only:
+        if master:
+            print(f"{len(tokens):,} tokens")
+        return
 
     raw, optimizer, progress = build(args, ckpt, device, rank, world)
     del ckpt
