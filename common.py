@@ -234,6 +234,16 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def learning_rate(step, total, args):
+    """Linear warmup to args.lr over args.warmup_iters steps, then a cosine decay that reaches
+    args.min_lr at the last of the total steps; args.lr throughout when min_lr is None and no warmup."""
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / args.warmup_iters
+    min_lr = args.lr if args.min_lr is None else args.min_lr
+    progress = (step - args.warmup_iters) / max(1, total - 1 - args.warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+
+
 # -----------------------------------------------------------------------------
 # The Alpaca prompt: what an instruction-tuned model reads before it answers.
 

@@ -7,12 +7,15 @@ trains everything).
 
     python finetune_spam.py --init-from gpt2                        # OpenAI's 124M weights
     python finetune_spam.py --init-from scratch --n-layer 2 --n-head 4 --n-embd 128 --context-length 300 \
-        --trainable-blocks all --dropout 0.1 --lr 1e-3            # no weights needed: a minute on 2 CPU cores
+        --trainable-blocks all --dropout 0.1 --lr 1e-3 --warmup-iters 65 --min-lr 0   # no weights needed: a minute on CPU
     python finetune_spam.py --classify "You won a free cruise, call now"
+    python finetune_spam.py --seeds 0-9 ...                         # ten runs, out/spam/seed<S>/; mean, std, worst
 """
 
+import argparse
 import os
 import random
+import statistics
 import time
 import zipfile
 
@@ -21,7 +24,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, learning_rate, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT, GPTConfig
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -195,42 +198,90 @@ def print_report(report):
 # -----------------------------------------------------------------------------
 
 
-def main():
+def seed_list(text):
+    """An argparse type: '0-9', '1,4,7' or '0-4,9' -> the list of seeds, in order, each once."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            low, dash, high = part.strip().partition("-")
+            seeds += range(int(low), int(high) + 1) if dash else [int(low)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be seeds like 0-9, 1,4,7 or 0-4,9, not {text}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must name each seed once (like 0-9), not {text}")
+    return seeds
+
+
+def parser():
     p = argument_parser(__doc__)
     p.add_argument("--classify", metavar="TEXT", help="print spam or ham for TEXT with the saved classifier, and stop")
     p.add_argument("--data", default=DATA_FILE, help="the SMSSpamCollection file (the default is downloaded if missing)")
     p.add_argument("--split-dir", default="data/sms-spam", help="where the train/validation/test split files go")
-    p.add_argument("--out-dir", default="out/spam", help="classifier.pt, metrics.json and curves.png go here")
+    p.add_argument("--out-dir", default="out/spam", help="classifier.pt, metrics.json and curves.png go here "
+                   "(with --seeds: in its seed<S>/ folders, and the summary seeds.json in it)")
     add_model_args(p, "gpt2")
     p.add_argument("--context-length", type=number(int, 1), help="shorter context window (default: the model's own, 1024)")
     p.add_argument("--dropout", type=number(float, 0, 1), help="dropout rate (default: the model's own, 0)")
     p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
     p.add_argument("--epochs", type=number(int, 1), default=5)
     p.add_argument("--batch-size", type=number(int, 1), default=8)
-    p.add_argument("--lr", type=number(float, 0), default=5e-5)
+    p.add_argument("--lr", type=number(float, 0), default=5e-5, help="peak learning rate")
+    p.add_argument("--min-lr", type=number(float, 0), help="learning rate at the end of a cosine decay over all the steps; "
+                   "None: --lr throughout (constant, as in the book)")
+    p.add_argument("--warmup-iters", type=number(int, 0), default=0, help="steps of linear warmup to --lr")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.1, help="on weight matrices only")
-    p.add_argument("--seed", type=int, default=123, help="seeds the balanced split and the training")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=123, help="seeds the balanced split and the training")
+    seeds.add_argument("--seeds", type=seed_list, help="one run per seed (0-9, 1,4,7, ...), one after the other, "
+                       "each in OUT_DIR/seed<S>/; then the mean, spread and worst of them")
     add_overwrite_arg(p, "--out-dir")
     add_device_arg(p)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = parser().parse_args()
     check_size_args(args)
-    checkpoint_path = os.path.join(args.out_dir, "classifier.pt")
     if args.classify is not None:
+        if args.seeds:
+            raise UserError("--classify uses one classifier: pass --out-dir OUT_DIR/seed<S> instead of --seeds")
         tokenizer = load_tokenizer()
-        model = load_classifier(checkpoint_path)
+        model = load_classifier(os.path.join(args.out_dir, "classifier.pt"))
         idx = torch.tensor([encode(tokenizer, args.classify, model.config.n_ctx)])
         with torch.no_grad():
             probs = F.softmax(classify(model, idx, torch.tensor([idx.size(1)])), dim=-1)[0]
         print(f"{LABELS[int(probs.argmax())]} {probs.max().item():.3f}")
         return
 
-    check_out_files([checkpoint_path], args.overwrite)
+    seeds = args.seeds or [args.seed]
+    out_dirs = {seed: os.path.join(args.out_dir, f"seed{seed}") if args.seeds else args.out_dir for seed in seeds}
+    summary_path = os.path.join(args.out_dir, "seeds.json")
+    # every seed's files are checked before the first one trains: a clash never stops a sweep halfway
+    check_out_files([os.path.join(d, "classifier.pt") for d in out_dirs.values()] + ([summary_path] if args.seeds else []),
+                    args.overwrite)
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.init_from)
-    split = balanced_split(load_data(args.data), args.seed)
-    write_split(split, args.split_dir, args.seed)
+    messages = load_data(args.data)
+    reports = {}
+    for n, seed in enumerate(seeds, 1):
+        if args.seeds:
+            print(f"\n=== seed {seed} ({n} of {len(seeds)}) -> {out_dirs[seed]}")
+        reports[seed] = fine_tune(args, seed, out_dirs[seed], messages, tokenizer, device)
+    if args.seeds:
+        summary = summarize(reports)
+        write_json({**summary, "args": {k: v for k, v in vars(args).items() if k != "seed"}}, summary_path)
+        print(f"\n{len(seeds)} seeds, {torch.get_num_threads()} thread(s) each; summary in {summary_path}\n")
+        print_summary(summary)
+
+
+def fine_tune(args, seed, out_dir, messages, tokenizer, device):
+    """Split with seed, fine-tune, keep the epoch of lowest validation loss in out_dir; -> its report."""
+    start, start_cpu = time.time(), time.process_time()
+    checkpoint_path = os.path.join(out_dir, "classifier.pt")
+    split = balanced_split(messages, seed)
+    write_split(split, args.split_dir, seed)
     print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = with_class_head(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
                                        n_head=args.n_head, n_embd=args.n_embd))
     freeze_all_but(model, args.trainable_blocks)
@@ -241,13 +292,14 @@ def main():
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
 
-    history, best, generator = [], None, torch.Generator().manual_seed(args.seed)
+    history, best, generator = [], None, torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(data["train"]) // args.batch_size)
-    start = time.time()
     with tqdm(total=args.epochs * steps_per_epoch, desc="fine-tuning", unit="step") as bar:
         for epoch in range(1, args.epochs + 1):
             model.train()
-            for idx, lengths, y in batches(data["train"], args.batch_size, device, generator):
+            for i, (idx, lengths, y) in enumerate(batches(data["train"], args.batch_size, device, generator)):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate((epoch - 1) * steps_per_epoch + i, args.epochs * steps_per_epoch, args)
                 loss = F.cross_entropy(classify(model, idx, lengths), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -259,22 +311,54 @@ def main():
             saved = best is None or val["loss"] < best["validation"]["loss"]
             if saved:  # keep the epoch with the lowest validation loss
                 best = history[-1]
-                save_atomic(model.checkpoint(labels=LABELS, epoch=epoch, seed=args.seed), checkpoint_path)
+                save_atomic(model.checkpoint(labels=LABELS, epoch=epoch, seed=seed), checkpoint_path)
             bar.write(f"epoch {epoch}: train loss {train['loss']:.4f} acc {train['accuracy']:.2%} | "
                       f"val loss {val['loss']:.4f} acc {val['accuracy']:.2%}" + (" | saved" if saved else ""))
-    print(f"trained in {time.time() - start:.0f}s")
 
     model = load_classifier(checkpoint_path).to(device)
     report = {name: evaluate(model, examples, args.batch_size, device) for name, examples in data.items()}
     print(f"best epoch {best['epoch']}, saved in {checkpoint_path}")
     print_report(report)
-    metrics_path = os.path.join(args.out_dir, "metrics.json")
-    write_json({**report, "history": history, "args": vars(args)}, metrics_path)
     epochs = [h["epoch"] for h in history]
     curves = {quantity: {name: (epochs, [h[name][quantity] for h in history]) for name in ("train", "validation")}
               for quantity in ("loss", "accuracy")}
-    plot_curves(os.path.join(args.out_dir, "curves.png"), "epoch", curves)
-    print(f"metrics in {metrics_path}, curves in {os.path.join(args.out_dir, 'curves.png')}")
+    plot_curves(os.path.join(out_dir, "curves.png"), "epoch", curves)
+    # all of the run, from the split to the plot; CPU time adds up every thread's
+    timing = {"wall_s": time.time() - start, "cpu_s": time.process_time() - start_cpu, "threads": torch.get_num_threads()}
+    metrics_path = os.path.join(out_dir, "metrics.json")
+    write_json({**report, "best_epoch": best["epoch"], "time": timing, "history": history, "args": {**vars(args), "seed": seed}},
+               metrics_path)
+    print(f"{timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU; metrics in {metrics_path}, "
+          f"curves in {os.path.join(out_dir, 'curves.png')}")
+    return {**report, "best_epoch": best["epoch"], "time": timing}
+
+
+def summarize(reports):
+    """Per seed: best epoch, validation and test metrics, times; over the seeds: mean, std (n - 1) and worst."""
+    rows = {seed: {"best_epoch": r["best_epoch"], "val_loss": r["validation"]["loss"], "val_accuracy": r["validation"]["accuracy"],
+                   **{f"test_{k}": r["test"][k] for k in ("loss", "accuracy", "precision", "recall", "f1")},
+                   "wall_s": r["time"]["wall_s"], "cpu_s": r["time"]["cpu_s"]} for seed, r in reports.items()}
+    columns = list(next(iter(rows.values())))
+    values = {c: [row[c] for row in rows.values()] for c in columns}
+    mean = {c: statistics.fmean(v) for c, v in values.items()}
+    std = {c: statistics.stdev(v) if len(v) > 1 else 0.0 for c, v in values.items()}
+    worst = {c: (max if c.endswith(("loss", "_s")) else min)(v) for c, v in values.items() if c != "best_epoch"}
+    return {"seeds": rows, "mean": mean, "std": std, "worst": worst}
+
+
+def print_summary(summary):
+    """A Markdown table: one row per seed, then the mean, the standard deviation and the worst."""
+    def pct(x):
+        return f"{x:.2%}".replace("%", " %")
+
+    print("| seed | best epoch | val loss | val accuracy | test accuracy | test precision / recall / F1 | wall | CPU time |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = [*summary["seeds"].items(), ("**mean**", summary["mean"]), ("std", summary["std"]), ("**worst**", summary["worst"])]
+    for name, r in rows:
+        epoch = f"{r['best_epoch']:.3g}" if "best_epoch" in r else ""
+        print(f"| {name} | {epoch} | {r['val_loss']:.4f} | {pct(r['val_accuracy'])} | {pct(r['test_accuracy'])} | "
+              f"{pct(r['test_precision'])} / {pct(r['test_recall'])} / {pct(r['test_f1'])} | "
+              f"{r['wall_s']:.1f} s | {r['cpu_s']:.1f} s |")
 
 
 if __name__ == "__main__":

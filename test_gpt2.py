@@ -993,13 +993,18 @@ SPAM_DATA = SHARED / "sms-spam" / "SMSSpamCollection"
 SPAM_TINY = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--context-length", "300"]
 
 
+def spam_sample(folder):
+    """folder/sample.tsv: the real file's first 60 ham and first 60 spam lines."""
+    lines = SPAM_DATA.read_text(encoding="utf-8").splitlines(keepends=True)
+    sample = [l for l in lines if l.startswith("ham\t")][:60] + [l for l in lines if l.startswith("spam\t")][:60]
+    (folder / "sample.tsv").write_text("".join(sample), encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def spam_run(tmp_path_factory):
     """A tiny fine-tuning run on 60 ham and 60 spam lines of the real file."""
     tmp = tmp_path_factory.mktemp("spam")
-    lines = SPAM_DATA.read_text(encoding="utf-8").splitlines(keepends=True)
-    sample = [l for l in lines if l.startswith("ham\t")][:60] + [l for l in lines if l.startswith("spam\t")][:60]
-    (tmp / "sample.tsv").write_text("".join(sample), encoding="utf-8")
+    spam_sample(tmp)
     r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "2",
                     "--lr", "1e-3", "--seed", "7", *SPAM_TINY, cwd=tmp)
     assert r.returncode == 0, r.stderr
@@ -1069,14 +1074,38 @@ def test_spam_freezes_all_but_the_last_blocks():
     assert model.transformer.wte.weight.shape == (50257, 16)  # the new head left the embedding alone
 
 
+def test_spam_learning_rate_schedule():
+    constant = fs.parser().parse_args(["--lr", "1e-3"])
+    assert {common.learning_rate(step, 100, constant) for step in range(100)} == {1e-3}
+    cosine = fs.parser().parse_args(["--lr", "1e-3", "--min-lr", "1e-5", "--warmup-iters", "10"])
+    lrs = [common.learning_rate(step, 100, cosine) for step in range(100)]
+    assert lrs[:10] == pytest.approx([1e-4 * (step + 1) for step in range(10)])  # linear warmup, --lr at step 9
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)  # then cosine down to --min-lr
+    assert lrs[(10 + 99) // 2] == pytest.approx((1e-3 + 1e-5) / 2, rel=0.05)  # halfway down halfway through
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
 def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
     split = {name: fs.read_messages(spam_run / "split" / f"{name}-seed7.tsv") for name in ("train", "validation", "test")}
     assert {name: len(ms) for name, ms in split.items()} == {"train": 84, "validation": 12, "test": 24}
     report = json.loads((spam_run / "out" / "metrics.json").read_text())
     for name, ms in split.items():
         assert sum(map(sum, report[name]["confusion"])) == len(ms)
-        assert 0 <= report[name]["accuracy"] <= 1
-    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    # it learned: the training loss fell each epoch, to well under a coin toss's ln 2 ...
+    train_losses = [h["train"]["loss"] for h in report["history"]]
+    assert [h["epoch"] for h in report["history"]] == [1, 2] and train_losses[1] < train_losses[0]
+    assert report["train"]["loss"] < 0.5 * math.log(2)
+
+    # ... and it beats always answering the larger class, clearly on train and also on unseen messages
+    def majority(names):
+        return max(sum(label == c for name in names for label, _ in split[name]) for c in fs.LABELS) / sum(len(split[n]) for n in names)
+
+    def accuracy(names):
+        right = sum(report[n]["confusion"][0][0] + report[n]["confusion"][1][1] for n in names)
+        return right / sum(len(split[n]) for n in names)
+
+    assert accuracy(["train"]) > majority(["train"]) + 0.3
+    assert accuracy(["validation", "test"]) > majority(["validation", "test"]) + 0.1
     assert (spam_run / "out" / "curves.png").stat().st_size > 0
     model = fs.load_classifier(spam_run / "out" / "classifier.pt")
     assert model.lm_head.out_features == 2 and model.config.n_embd == 64
@@ -1088,6 +1117,39 @@ def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
     with torch.no_grad():
         probs = torch.softmax(fs.classify(model, ids, torch.tensor([ids.size(1)])), -1)[0]
     assert label == fs.LABELS[int(probs.argmax())] and float(prob) == pytest.approx(probs.max().item(), abs=1e-3)
+
+
+def test_spam_seeds_one_folder_each_then_the_summary(tmp_path):
+    spam_sample(tmp_path)
+    earlier = tmp_path / "out" / "seed5" / "classifier.pt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run")
+    args = ["--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "1", "--lr", "1e-3",
+            "--seeds", "3,5", *SPAM_TINY]
+    r = run_script("finetune_spam.py", *args, cwd=tmp_path)
+    assert r.returncode == 1 and "out/seed5/classifier.pt is from an earlier run" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "seed3").exists()  # refused before the first seed trained
+    r = run_script("finetune_spam.py", *args, "--overwrite", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    runs = {seed: json.loads((tmp_path / "out" / f"seed{seed}" / "metrics.json").read_text()) for seed in (3, 5)}
+    assert list(summary["seeds"]) == ["3", "5"] and summary["args"]["seeds"] == [3, 5]
+    for seed, run in runs.items():
+        assert run["args"]["seed"] == seed and (tmp_path / "split" / f"test-seed{seed}.tsv").is_file()
+        row = summary["seeds"][str(seed)]
+        assert row["test_accuracy"] == run["test"]["accuracy"] and row["val_loss"] == run["validation"]["loss"]
+        assert row["cpu_s"] == run["time"]["cpu_s"] > 0 and row["wall_s"] == run["time"]["wall_s"] > 0
+    accuracies = [run["test"]["accuracy"] for run in runs.values()]
+    assert summary["mean"]["test_accuracy"] == pytest.approx(sum(accuracies) / 2)
+    assert summary["worst"]["test_accuracy"] == min(accuracies)
+    assert summary["std"]["test_accuracy"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / math.sqrt(2))
+    assert "| **worst** |" in r.stdout and fs.load_classifier(earlier).lm_head.out_features == 2
+
+
+def test_spam_seeds_flag_is_checked(tmp_path):
+    r = run_script("finetune_spam.py", "--seeds", "0-4,4", cwd=tmp_path)  # seed 4 twice
+    assert r.returncode == 2 and r.stderr.startswith("error: argument --seeds: must name each seed once"), r.stderr
+    assert fs.seed_list("0-2,7") == [0, 1, 2, 7]
 
 
 def test_spam_text_longer_than_context(spam_run):

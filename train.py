@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, learning_rate, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
 from gpt2 import GPT, GPTConfig
 
 DEFAULT_DATA = "data/the-verdict.txt"
@@ -398,15 +398,6 @@ def sample(model, tokenizer, device):
     out = model.generate(torch.tensor([tokenizer.encode(PROMPT)], device=device), SAMPLE_TOKENS, temperature=0)
     model.train()
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
-
-
-def learning_rate(step, total, args):
-    """Linear warmup to --lr over --warmup-iters steps, then cosine decay to --min-lr at the last step."""
-    if step < args.warmup_iters:
-        return args.lr * (step + 1) / args.warmup_iters
-    min_lr = args.lr if args.min_lr is None else args.min_lr
-    progress = (step - args.warmup_iters) / max(1, total - args.warmup_iters)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
 
 
 def rng_states(world):
