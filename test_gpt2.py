@@ -2,6 +2,7 @@
 GPT-2, and OpenAI's own checkpoint index. Real data comes from ../shared/data."""
 
 import csv
+import importlib
 import json
 import math
 import os
@@ -63,6 +64,24 @@ def run_script(name, *args, cwd=ROOT, env=ENV, timeout=300, launcher=(sys.execut
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([*launcher, str(ROOT / name), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """run_main(script, *args): the script's main() in this process, as `python script args` runs it
+    but without starting a new interpreter -> a CompletedProcess, as run_script gives."""
+    def run(script, *args):
+        module = importlib.import_module(script.removesuffix(".py"))
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        capsys.readouterr()
+        try:
+            common.run(module.main)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out, err)
+    return run
 
 
 def free_port():
@@ -622,25 +641,27 @@ def sample_ckpt(tmp_path_factory):
     return model, path
 
 
-def _sample(path, *args, cwd=ROOT):
-    return run_script("sample.py", "--model", path, "--device", "cpu", *args, cwd=cwd)
+@pytest.fixture
+def sample(run_main):
+    """sample(checkpoint, *args): sample.py's main() in this process -> a CompletedProcess."""
+    return lambda path, *args: run_main("sample.py", "--model", path, "--device", "cpu", *args)
 
 
-def test_sample_same_seed_same_text(sample_ckpt):
+def test_sample_same_seed_same_text(sample_ckpt, sample):
     _, path = sample_ckpt
-    runs = [_sample(path, "--seed", seed, "--num-samples", 2, "--max-new-tokens", 12) for seed in (7, 7, 8)]
+    runs = [sample(path, "--seed", seed, "--num-samples", 2, "--max-new-tokens", 12) for seed in (7, 7, 8)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout != runs[2].stdout
     first, second = runs[0].stdout.split("\n" + "-" * 40 + "\n")
     assert first.startswith(SAMPLE_PROMPT) and second.startswith(SAMPLE_PROMPT) and first != second
 
 
-def test_sample_greedy_equals_generate(sample_ckpt):
+def test_sample_greedy_equals_generate(sample_ckpt, sample):
     """--temperature 0 prints the prompt and then exactly what model.generate decodes to, here
     past the 64-token window."""
     model, path = sample_ckpt
     prompt = SAMPLE_PROMPT + " to the end of the road, and further"
-    r = _sample(path, "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 60)
+    r = sample(path, "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 60)
     assert r.returncode == 0, r.stderr
     tok = Tokenizer()
     ids = tok.encode(prompt)
@@ -659,12 +680,12 @@ def test_sample_prints_characters_split_over_tokens_whole(capsys):
     assert capsys.readouterr().out == text + "\n"  # a U+FFFD once printed would stay in the output
 
 
-def test_sample_instruction_uses_the_alpaca_prompt(sample_ckpt):
+def test_sample_instruction_uses_the_alpaca_prompt(sample_ckpt, sample):
     """--instruction: the prompt is format_prompt(entry) and only the response is printed."""
 
     model, path = sample_ckpt
     entry = {"instruction": "Rewrite the sentence in passive voice.", "input": "The chef cooked the meal."}
-    r = _sample(path, "--instruction", entry["instruction"], "--input", entry["input"],
+    r = sample(path, "--instruction", entry["instruction"], "--input", entry["input"],
                 "--temperature", 0, "--max-new-tokens", 10)
     assert r.returncode == 0, r.stderr
     tok = Tokenizer()
@@ -674,7 +695,7 @@ def test_sample_instruction_uses_the_alpaca_prompt(sample_ckpt):
     assert r.stdout == tok.decode(out[0, len(ids):].tolist()) + "\n"
 
 
-def test_sample_instruction_stops_at_end_of_text(sample_ckpt, tmp_path):
+def test_sample_instruction_stops_at_end_of_text(sample_ckpt, tmp_path, sample):
     """A model rigged to answer " Yes" and then <|endoftext|>: sample.py prints " Yes" alone."""
     tok = Tokenizer()
     yes, eot = tok.encode(" Yes")[0], tok.eot_id
@@ -691,7 +712,7 @@ def test_sample_instruction_stops_at_end_of_text(sample_ckpt, tmp_path):
     path = str(tmp_path / "yes.pt")
     save_atomic(model.checkpoint(), path)
     assert tok.decode(model.generate(torch.tensor([[0]]), 4, temperature=0)[0, 1:].tolist()) == " Yes<|endoftext|>" * 2
-    r = _sample(path, "--instruction", "Is the sky blue?", "--temperature", 0, "--max-new-tokens", 20)
+    r = sample(path, "--instruction", "Is the sky blue?", "--temperature", 0, "--max-new-tokens", 20)
     assert r.returncode == 0, r.stderr
     assert r.stdout == " Yes\n"
 
@@ -711,10 +732,10 @@ def test_sample_tokenizer_of_an_openai_folder(sample_ckpt, tmp_path, monkeypatch
     assert tokenizer_for(sample_ckpt[1]).enc is tiktoken.get_encoding("gpt2")
 
 
-def test_sample_prompt_longer_than_context(sample_ckpt):
+def test_sample_prompt_longer_than_context(sample_ckpt, sample):
     _, path = sample_ckpt
     prompt = "word " * 100
-    r = _sample(path, "--prompt", prompt)
+    r = sample(path, "--prompt", prompt)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     n = len(Tokenizer().encode(prompt))
     assert f"the prompt is {n} tokens, longer than the model's context window (64)" in r.stderr
@@ -963,13 +984,13 @@ def test_train_from_many_shards_gives_the_losses_of_one(tmp_path, monkeypatch):
     assert a["history"] == b["history"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_train_bad_data_is_one_clear_line(tmp_path):
+def test_train_bad_data_is_one_clear_line(tmp_path, run_main):
     (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
     (tmp_path / "short.txt").write_text("Far too short to train on. " * 20, encoding="utf-8")
     (tmp_path / "empty").mkdir()
     cases = {"missing.txt": "not found", "latin1.txt": "is not UTF-8", "short.txt": "too short", "empty": "no .txt files"}
     for name, message in cases.items():
-        r = run_script("train.py", *train_args(tmp_path / name, tmp_path / "out"), timeout=120)
+        r = run_main("train.py", *train_args(tmp_path / name, tmp_path / "out"))
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
         assert r.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
@@ -1504,14 +1525,6 @@ def snapshot(folder):
     return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
-def run_main(module, args, monkeypatch, capsys):
-    """A script's main() in this process, as `python <script> args` runs it -> (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, args)])
-    with pytest.raises(SystemExit) as exit:
-        common.run(module.main)
-    return exit.value.code, capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 8-step train.py run on the real the-verdict.txt: (data, out-dir, its arguments)."""
@@ -1521,21 +1534,21 @@ def trained(tmp_path_factory):
     return data, tmp / "out", args
 
 
-def test_bad_rerun_of_train_never_replaces_a_trained_model(trained):
+def test_bad_rerun_of_train_never_replaces_a_trained_model(trained, run_main):
     data, out, args = trained
     before = snapshot(out)
     for extra in ((), ("--seed", 7), ("--max-iters", 3)):
-        line = one_line_error(run_script("train.py", *train_args(data, out, *args, *extra), timeout=120))
+        line = one_line_error(run_main("train.py", *train_args(data, out, *args, *extra)))
         assert "ckpt.pt is from an earlier run" in line and "--resume" in line and "--overwrite" in line
     assert snapshot(out) == before
 
 
-def test_bad_resume_refuses_fixed_flags_and_records_the_changed_ones(trained, tmp_path):
+def test_bad_resume_refuses_fixed_flags_and_records_the_changed_ones(trained, tmp_path, run_main):
     data, out, args = trained
     out = Path(shutil.copytree(out, tmp_path / "out"))
     before = snapshot(out)
     for flag, value in (("--n-layer", 3), ("--context-length", 64), ("--seed", 5), ("--data", tmp_path / "x.txt")):
-        line = one_line_error(run_script("train.py", "--out-dir", out, "--resume", flag, value, timeout=120))
+        line = one_line_error(run_main("train.py", "--out-dir", out, "--resume", flag, value))
         assert f"{flag} {value} differs from the checkpoint's" in line and "cannot change on --resume" in line
     assert snapshot(out) == before
     # best.pt holds a better model than the checkpoint knows of (written after ckpt.pt): it stays
@@ -1551,16 +1564,16 @@ def test_bad_resume_refuses_fixed_flags_and_records_the_changed_ones(trained, tm
     assert ckpt["best_val"] == 0.5 and (out / "best.pt").read_bytes() == best_bytes
 
 
-def test_bad_rerun_of_the_finetuning_scripts_keeps_their_output(tmp_path):
+def test_bad_rerun_of_the_finetuning_scripts_keeps_their_output(tmp_path, run_main):
     spam_out, instruct_out = tmp_path / "spam", tmp_path / "instruct.pt"
     spam_out.mkdir()
     (spam_out / "classifier.pt").write_bytes(b"an earlier classifier")
     instruct_out.write_bytes(b"an earlier model")
     before = snapshot(tmp_path)
-    line = one_line_error(run_script("finetune_spam.py", *SPAM_TINY, "--data", SPAM_DATA, "--split-dir", tmp_path / "s",
-                                     "--out-dir", spam_out))
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", SPAM_DATA, "--split-dir", tmp_path / "s",
+                                   "--out-dir", spam_out))
     assert "classifier.pt is from an earlier run" in line and "--overwrite" in line
-    line = one_line_error(run_script("finetune_instruct.py", *INSTRUCT_TINY, "--out", instruct_out))
+    line = one_line_error(run_main("finetune_instruct.py", *INSTRUCT_TINY, "--out", instruct_out))
     assert "instruct.pt is from an earlier run" in line and "--overwrite" in line
     assert snapshot(tmp_path) == before
 
@@ -1586,20 +1599,21 @@ def test_bad_rerun_of_the_finetuning_scripts_keeps_their_output(tmp_path):
     ("finetune_instruct", ["--lora-rank", -1], "argument --lora-rank: must be an integer >= 0, not -1"),
     ("finetune_instruct", ["--max-steps", -5], "argument --max-steps: must be an integer >= 0, not -5"),
 ])
-def test_bad_numbers_are_refused_before_any_work(script, args, message, monkeypatch, capsys, tmp_path):
+def test_bad_numbers_are_refused_before_any_work(script, args, message, run_main, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # nothing may appear here
-    code, err = run_main(__import__(script), args, monkeypatch, capsys)
-    assert code == 2 and err == f"error: {message} (see {script}.py --help)\n"
+    r = run_main(f"{script}.py", *args)
+    assert r.returncode == 2 and r.stderr == f"error: {message} (see {script}.py --help)\n"
     assert not list(tmp_path.iterdir())
 
 
-def test_bad_sizes_and_devices_are_one_line(trained, tmp_path):
+def test_bad_sizes_and_devices_are_one_line(trained, tmp_path, run_main, monkeypatch):
     data, _, _ = trained
+    monkeypatch.chdir(tmp_path)
     for script in ("train.py", "finetune_spam.py", "finetune_instruct.py"):
-        line = one_line_error(run_script(script, "--init-from", "scratch", "--n-head", 3, "--n-embd", 64, cwd=tmp_path))
+        line = one_line_error(run_main(script, "--init-from", "scratch", "--n-head", 3, "--n-embd", 64))
         assert line == "error: --n-embd 64 must be a multiple of --n-head 3 (the heads split the width)", script
     assert not list(tmp_path.iterdir())  # before any work: no download was tried, nothing written
-    line = one_line_error(run_script("train.py", *train_args(data, tmp_path / "o", "--device", "cuda")))
+    line = one_line_error(run_main("train.py", *train_args(data, tmp_path / "o", "--device", "cuda")))
     assert "--device cuda: this machine has no CUDA device" in line
     assert not (tmp_path / "o").exists()
 
@@ -1648,7 +1662,7 @@ def test_bad_offline_tokenizer_says_what_is_needed(sample_ckpt, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith(SAMPLE_PROMPT), r.stderr[-2000:]
 
 
-def test_bad_files_are_named(tmp_path, sample_ckpt):
+def test_bad_files_are_named(tmp_path, run_main):
     hf = hf_twin(tiny_model())
     folder = write_openai_checkpoint(tmp_path / "cut", hf, n_ctx=TINY["n_ctx"])
     data = folder / "model.ckpt.data-00000-of-00001"
@@ -1656,25 +1670,25 @@ def test_bad_files_are_named(tmp_path, sample_ckpt):
     line = one_line_error(run_script("sample.py", "--model", folder, timeout=120))  # TensorFlow says nothing either
     assert f"{data} has 1,000 bytes, but its index lists" in line and "download it again" in line
     (folder / "hparams.json").write_text("{not json")
-    line = one_line_error(run_script("sample.py", "--model", folder))
+    line = one_line_error(run_main("sample.py", "--model", folder))
     assert f"{folder / 'hparams.json'} is not GPT-2's hparams.json" in line
     junk = tmp_path / "classifier.pt"  # random bytes: not even a zip
     junk.write_bytes(os.urandom(3000))
-    for r in (run_script("sample.py", "--model", junk), run_script("finetune_spam.py", "--out-dir", tmp_path, "--classify", "hi")):
+    for r in (run_main("sample.py", "--model", junk), run_main("finetune_spam.py", "--out-dir", tmp_path, "--classify", "hi")):
         line = one_line_error(r)
         assert "is not a" in line and "of this project" in line and "weights_only" not in line
     (tmp_path / "latin1.tsv").write_bytes("ham\tcafé\n".encode("latin-1"))
     (tmp_path / "latin1.json").write_bytes('[{"instruction": "café", "output": "x"}]'.encode("latin-1"))
-    line = one_line_error(run_script("finetune_spam.py", *SPAM_TINY, "--data", tmp_path / "latin1.tsv", "--out-dir", tmp_path / "s"))
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", tmp_path / "latin1.tsv", "--out-dir", tmp_path / "s"))
     assert f"{tmp_path / 'latin1.tsv'} is not UTF-8 text" in line
-    line = one_line_error(run_script("finetune_instruct.py", *INSTRUCT_TINY, "--data", tmp_path / "latin1.json",
-                                     "--out", tmp_path / "i.pt"))
+    line = one_line_error(run_main("finetune_instruct.py", *INSTRUCT_TINY, "--data", tmp_path / "latin1.json",
+                                   "--out", tmp_path / "i.pt"))
     assert f"{tmp_path / 'latin1.json'} is not a UTF-8 JSON file" in line
 
 
-def test_bad_spam_data_too_small_to_split(tmp_path):
+def test_bad_spam_data_too_small_to_split(tmp_path, run_main):
     (tmp_path / "two.tsv").write_text("ham\thello\nspam\tWIN NOW\n", encoding="utf-8")
-    line = one_line_error(run_script("finetune_spam.py", *SPAM_TINY, "--data", tmp_path / "two.tsv", "--out-dir", tmp_path / "o",
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", tmp_path / "two.tsv", "--out-dir", tmp_path / "o",
                                      "--split-dir", tmp_path / "s"))
     assert "2 balanced messages (1 spam) are too few to split" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
