@@ -19,6 +19,10 @@ from gpt2 import GPT, GPTConfig, Tokenizer, openai_tokenizer, size_name
 MODELS_DIR = "models"  # download_weights.py puts OpenAI's checkpoints in models/<size>/
 
 
+class UserError(Exception):
+    """Bad input a user can fix: printed as one line, without a traceback."""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every default, and the script's docstring with its example commands as written."""
 
@@ -94,10 +98,6 @@ def check_size_args(args):
 
 def add_device_arg(parser):
     parser.add_argument("--device", default="auto", help="auto: cuda, else mps, else cpu; or a torch device (cpu, cuda:1, ...)")
-
-
-class UserError(Exception):
-    """Bad input a user can fix: printed as one line, without a traceback."""
 
 
 def run(main):
