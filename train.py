@@ -563,6 +563,7 @@ def main():
             print(f"{steps_timed} steps in {train_time:.0f} s, {steps_timed * tokens_per_step / train_time:,.0f} tokens/s "
                   f"(evaluation excluded); wrote {args.out_dir}/ckpt.pt, {args.out_dir}/best.pt, {plot}")
     if world > 1:
+        dist.barrier()  # rank 0 may still be plotting: the processes leave gloo together, or one can abort at exit
         dist.destroy_process_group()
     if stopped:
         sys.exit(130)
