@@ -167,14 +167,14 @@ def mean_loss(model, data, batch_size, n_batches, make_batch, device):
 
 
 @torch.no_grad()
-def respond(model, tokenizer, entry, max_new_tokens, device):
-    """Greedy answer to one entry's prompt, stopping at <|endoftext|>."""
+def respond(model, tokenizer, entries, max_new_tokens):
+    """Greedy answers to the entries' prompts, generated as one batch, each stopping at <|endoftext|>."""
     was_training = model.training
     model.eval()
-    prompt = torch.tensor([tokenizer.encode(format_prompt(entry))], device=device)
-    new = model.generate(prompt, max_new_tokens, temperature=0, eos_id=tokenizer.eot_id)[0, prompt.size(1):].tolist()
+    prompts = [tokenizer.encode(format_prompt(entry)) for entry in entries]
+    outs = model.generate(prompts, max_new_tokens, temperature=0, eos_id=tokenizer.eot_id)
     model.train(was_training)
-    return tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eot_id else new).strip()
+    return [tokenizer.decode([t for t in out[len(p):] if t != tokenizer.eot_id]).strip() for p, out in zip(prompts, outs)]
 
 
 def finetune(args):
@@ -225,7 +225,7 @@ def finetune(args):
                                 for data in (train_data, val_data))
         for key, value in zip(history, (step, train_loss, val_loss)):
             history[key].append(value)
-        answer = respond(model, tokenizer, val_set[0], SAMPLE_TOKENS, device)
+        answer = respond(model, tokenizer, val_set[:1], SAMPLE_TOKENS)[0]
         tqdm.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f} | "
                    f"{val_set[0]['instruction']!r} -> {answer!r}")
         if val_loss < best:
@@ -238,8 +238,10 @@ def finetune(args):
                                                       "val": (history["step"], history["val"])}})
 
     model = GPT.from_checkpoint(args.out).to(device)  # the answers come from the saved, best weights
-    responses = [{**entry, "model_response": respond(model, tokenizer, entry, args.max_new_tokens, device)}
-                 for entry in tqdm(test_set, desc="answering the test split")]
+    answers = []  # in batches: each step of a batch reads the weights once for all its rows
+    for i in tqdm(range(0, len(test_set), args.batch_size), desc="answering the test split", unit="batch"):
+        answers += respond(model, tokenizer, test_set[i:i + args.batch_size], args.max_new_tokens)
+    responses = [{**entry, "model_response": answer} for entry, answer in zip(test_set, answers)]
     write_json(responses, f"{stem}-responses.json")
     print(f"wrote {stem}-loss.png and {stem}-responses.json; score the answers with\n"
           f"  python finetune_instruct.py --evaluate {stem}-responses.json")
@@ -329,7 +331,7 @@ def main():
     p.add_argument("--lora-alpha", type=number(float, 0), default=16.0, help="LoRA scale: the update is multiplied by alpha / rank")
     p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the responses only")
     p.add_argument("--max-length", type=number(int, 2), help="truncate each example to this many tokens (default: the context window)")
-    p.add_argument("--batch-size", type=number(int, 1), default=8)
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="examples per step; also test prompts answered at once")
     p.add_argument("--epochs", type=number(int, 1), default=2)
     p.add_argument("--max-steps", type=number(int, 0), default=0, help="stop after this many steps (0: run all epochs)")
     p.add_argument("--lr", type=number(float, 0), default=5e-5)

@@ -77,12 +77,14 @@ class GPTConfig:
 # well its query matches their keys. Several heads do this side by side.
 
 
-def attention(q, k, v, dropout=0.0):
+def attention(q, k, v, dropout=0.0, sees=None):
     """softmax(q kᵀ / sqrt(hs) + causal mask) v, for queries (B, nh, T, hs) that are the last T
-    of the S positions of keys and values (B, nh, S, hs) -> (output (B, nh, T, hs), weights (B, nh, T, S))."""
+    of the S positions of keys and values (B, nh, S, hs) -> (output (B, nh, T, hs), weights (B, nh, T, S)).
+    sees (B, 1, T, S), if given, replaces the causal mask: True where a query may look."""
     T, S = q.size(-2), k.size(-2)
     att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S): each query against each key
-    sees = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # itself and earlier positions only
+    if sees is None:
+        sees = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # itself and earlier positions only
     att = F.softmax(att.masked_fill(~sees, float("-inf")), dim=-1)  # each row: weights summing to 1
     return F.dropout(att, dropout) @ v, att  # a weighted mix of the values
 
@@ -91,10 +93,10 @@ class KVCache:
     """The keys and values of the tokens seen so far in one layer, kept so that
     generating a token costs one position of work, not the whole prefix."""
 
-    def __init__(self, batch_size, config, device, dtype):
-        shape = (batch_size, config.n_head, config.n_ctx, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, batch_size, length, config, device, dtype):
+        shape = (batch_size, config.n_head, length, config.n_embd // config.n_head)  # room for length positions
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # only [:, :, :len] is ever read
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.len = 0
 
     def append(self, k, v):  # (B, nh, T, hs) each; returns all keys and values so far
@@ -114,17 +116,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.keep_weights, self.weights = False, None  # keep_weights: compute attention() and keep its weights
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, S, hs), S = cached + new positions
         dropout = self.dropout if self.training else 0.0
-        if self.keep_weights or k.size(2) > T > 1:  # the formula above (to look at the weights, or chunks after a cache)
-            y, self.weights = attention(q, k, v, dropout)
+        if self.keep_weights or mask is None and k.size(2) > T > 1:  # the formula above (to look at the weights, or chunks after a cache)
+            y, self.weights = attention(q, k, v, dropout, mask)
         else:  # the same formula fused into one kernel (one new token after a cache sees everything)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -182,8 +184,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -227,16 +229,22 @@ class GPT(nn.Module):
         model.lm_head.weight = model.transformer.wte.weight  # to_empty gave each its own tensor: tie them again
         return model
 
-    def hidden_states(self, idx, caches=None):
-        """(B, T) token ids -> (B, T, n_embd) final layer-normed vectors."""
+    def hidden_states(self, idx, caches=None, pad=None):
+        """(B, T) token ids -> (B, T, n_embd) final layer-normed vectors. pad (B,), if given, counts
+        each row's padding tokens on the left, which no position attends to."""
         T = idx.size(1)
         start = caches[0].len if caches else 0  # positions continue after the cached tokens
         if start + T > self.config.n_ctx:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context window ({self.config.n_ctx})")
-        pos = torch.arange(start, start + T, device=idx.device)
+        pos, mask = torch.arange(start, start + T, device=idx.device), None  # (T,)
+        if pad is not None:  # each row's positions count from its first real token, and padding is never seen
+            keys = torch.arange(start + T, device=idx.device)  # (S,)
+            real = (keys >= pad[:, None, None]) | (keys == pos[:, None])  # (B, T, S): a pad sees itself, so no row is empty
+            mask = ((keys <= pos[:, None]) & real).unsqueeze(1)  # (B, 1, T, S): causal too, the same for every head
+            pos = (pos - pad[:, None]).clamp(min=0)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -272,9 +280,9 @@ class GPT(nn.Module):
     # only runs the new token through the model.
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
-        """Yield the next (B, 1) tokens one step at a time for prompts idx (B, T).
-        Rows that produced eos_id keep yielding eos_id; the stream ends when all have."""
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, pad=None):
+        """Yield the next (B, 1) tokens one step at a time for prompts idx (B, T), left-padded by pad (B,)
+        tokens if given. Rows that produced eos_id keep yielding eos_id; the stream ends when all have."""
         if idx.size(1) == 0:
             raise ValueError("the prompt is empty: give at least one token (<|endoftext|> starts a new document)")
         if not (math.isfinite(temperature) and temperature >= 0):
@@ -282,17 +290,20 @@ class GPT(nn.Module):
         if top_k is not None and top_k < 1 or top_p is not None and not 0 <= top_p <= 1:
             raise ValueError(f"top_k must be >= 1 and top_p in [0, 1], or None; got top_k={top_k}, top_p={top_p}")
         n_ctx = self.config.n_ctx
-        idx = idx[:, -n_ctx:]  # a prompt longer than the window keeps its last n_ctx tokens
+        length = min(n_ctx, idx.size(1) + max_new_tokens)  # the most positions a cache holds
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         caches = None
         for _ in range(max_new_tokens):
             if caches is None or caches[0].len == n_ctx:
-                # (Re)start: the window is full, so every position shifts and old keys no longer apply.
-                caches = [KVCache(idx.size(0), self.config, idx.device, self.lm_head.weight.dtype)
+                # (Re)start: a prompt longer than the window keeps its last n_ctx tokens; once the window
+                # is full, every position shifts each step, so the keys computed before no longer apply.
+                cut, idx = max(idx.size(1) - n_ctx, 0), idx[:, -n_ctx:]
+                pad = None if pad is None else (pad - cut).clamp(min=0)
+                caches = [KVCache(idx.size(0), length, self.config, idx.device, self.lm_head.weight.dtype)
                           for _ in range(self.config.n_layer)]
-                x = self.hidden_states(idx[:, -n_ctx:], caches)
+                x = self.hidden_states(idx, caches, pad)
             else:
-                x = self.hidden_states(idx[:, -1:], caches)
+                x = self.hidden_states(idx[:, -1:], caches, pad)
             next_id = self.sample_next(self.lm_head(x[:, -1, :]), temperature, top_k, top_p)  # (B, 1)
             if eos_id is not None:
                 next_id = next_id.masked_fill(done, eos_id)
@@ -303,9 +314,19 @@ class GPT(nn.Module):
                 return
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
-        """(B, T) prompts -> (B, T + n) with n <= max_new_tokens new tokens. temperature 0 = greedy."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id))
-        return torch.cat([idx, *new], dim=1)
+        """(B, T) prompts -> (B, T + n) with n <= max_new_tokens new tokens. temperature 0 = greedy.
+        Or a list of prompts (lists of token ids) of any lengths -> a list of lists, each its prompt and new
+        tokens (up to its first eos_id): run as one left-padded batch, each row as it would run alone."""
+        if torch.is_tensor(idx):
+            return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id)], dim=1)
+        if not idx or not all(idx):
+            raise ValueError("give a non-empty list of prompts, each at least one token")
+        T, device = max(map(len, idx)), self.lm_head.weight.device
+        batch = torch.tensor([[0] * (T - len(p)) + list(p) for p in idx], device=device)  # (B, T), padded on the left
+        pad = torch.tensor([T - len(p) for p in idx], device=device)
+        new = self.stream(batch, max_new_tokens, temperature, top_k, top_p, eos_id, pad)
+        rows = torch.cat([batch[:, :0], *new], dim=1).tolist()  # (B, n) new tokens
+        return [list(p) + (row[:row.index(eos_id) + 1] if eos_id in row else row) for p, row in zip(idx, rows)]
 
     # -------------------------------------------------------------------------
     # Weights: OpenAI's TensorFlow checkpoints and our own training checkpoints.

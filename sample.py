@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--top-k", type=number(int, 0), default=40, help="sample among the k likeliest tokens (GPT-2's paper used 40); 0 = all")
     parser.add_argument("--top-p", type=number(float, 0, 1), default=None, help="sample among the fewest tokens whose probabilities sum to p")
     parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
-    parser.add_argument("--num-samples", type=number(int, 1), default=1, help="samples of the same prompt, one after another")
+    parser.add_argument("--num-samples", type=number(int, 1), default=1, help="samples of the same prompt, generated as one batch")
     add_device_arg(parser)
     args = parser.parse_args()
 
@@ -58,14 +58,17 @@ def main():
     idx = torch.tensor([ids], device=device)
 
     torch.manual_seed(args.seed)
-    for i in range(args.num_samples):
-        if i:
-            print("\n" + "-" * 40)
-        if args.instruction is None:
-            print(args.prompt, end="", flush=True)
-        stream = (t.item() for t in model.stream(idx, args.max_new_tokens, args.temperature,
-                                                  args.top_k or None, args.top_p, eos_id))
+    settings = (args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, eos_id)
+    shown = "" if args.instruction is not None else args.prompt
+    if args.num_samples == 1:
+        print(shown, end="", flush=True)
+        stream = (t.item() for t in model.stream(idx, *settings))
         print_as_generated(takewhile(lambda t: t != eos_id, stream), tokenizer)
+        return
+    # Several samples run as one batch: each step reads the weights once for all of them.
+    for i, out in enumerate(model.generate([ids] * args.num_samples, *settings)):
+        new = out[len(ids):]
+        print(("\n" + "-" * 40 + "\n" if i else "") + shown + tokenizer.decode(new[:-1] if new[-1:] == [eos_id] else new))
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ def test_kv_cache_gives_the_logits_of_a_full_forward():
     idx = torch.randint(0, TINY["vocab_size"], (2, 20))
     with torch.no_grad():
         full = model(idx)[0]
-        caches = [KVCache(2, model.config, "cpu", torch.float32) for _ in range(TINY["n_layer"])]
+        caches = [KVCache(2, model.config.n_ctx, model.config, "cpu", torch.float32) for _ in range(TINY["n_layer"])]
         pieces = [(0, 5), *((t, t + 1) for t in range(5, 12)), (12, 20)]  # a prompt, single tokens, a chunk
         stepped = torch.cat([model.lm_head(model.hidden_states(idx[:, a:b], caches)) for a, b in pieces], dim=1)
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
@@ -262,6 +262,58 @@ def test_eos_stops_each_row():
     for row, stop in enumerate(stops):
         assert out[row, : 4 + stop].equal(sampled[row, : 4 + stop])
         assert out[row, 4 + stop:].eq(eos).all()
+
+
+def ragged_prompts(lengths, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+
+
+def test_ragged_batch_gives_each_prompt_what_it_gives_alone():
+    model = tiny_model(seed=1, n_ctx=32)
+    prompts = ragged_prompts([1, 5, 17, 30, 9, 2, 24, 12])  # rows 3 and 6 slide past the 32-token window
+    out = model.generate(prompts, 12, temperature=0)
+    alone = [model.generate(torch.tensor([p]), 12, temperature=0)[0].tolist() for p in prompts]
+    assert out == alone
+    eos = alone[4][len(prompts[4]) + 3]  # a token row 4 makes: rows stop at their first one, as alone
+    out = model.generate(prompts, 12, temperature=0, eos_id=eos)
+    for p, row, solo in zip(prompts, out, alone):
+        new = solo[len(p):]
+        assert row == p + (new[:new.index(eos) + 1] if eos in new else new)
+    assert out[4][-1] == eos and len(out[4]) <= len(prompts[4]) + 4
+
+
+def test_ragged_batch_equals_transformers_with_left_padding():
+    """transformers' own left padding (attention mask, positions from the mask) as the reference."""
+    model = tiny_model(seed=2)
+    prompts = ragged_prompts([3, 11, 7, 1], seed=4)
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    theirs = hf_twin(model).generate(ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,
+                                     pad_token_id=0, eos_token_id=None)
+    assert model.generate(prompts, 15, temperature=0) == [p + row[T:] for p, row in zip(prompts, theirs.tolist())]
+
+
+def test_padding_never_leaks_into_attention():
+    """Each row's logits equal its own forward alone, whatever the padding tokens are; so sampling
+    a ragged batch draws each row from the distribution it has alone."""
+    model = tiny_model()
+    prompts = ragged_prompts([6, 1, 13])
+    pad = torch.tensor([13 - len(p) for p in prompts])
+    with torch.no_grad():
+        for filler in (0, 7, 95):
+            batch = torch.tensor([[filler] * (13 - len(p)) + p for p in prompts])
+            logits = model.lm_head(model.hidden_states(batch, pad=pad))
+            for row, p in enumerate(prompts):
+                torch.testing.assert_close(logits[row, pad[row]:], model(torch.tensor([p]))[0][0], atol=1e-5, rtol=0)
+
+
+def test_ragged_batch_bad_prompts():
+    model = tiny_model()
+    for prompts in ([], [[1, 2], []]):
+        with pytest.raises(ValueError, match="non-empty list of prompts"):
+            model.generate(prompts, 3)
 
 
 # -----------------------------------------------------------------------------
@@ -667,6 +719,8 @@ def test_sample_greedy_equals_generate(sample_ckpt, sample):
     ids = tok.encode(prompt)
     out = model.generate(torch.tensor([ids]), 60, temperature=0)
     assert r.stdout == prompt + tok.decode(out[0, len(ids):].tolist()) + "\n"
+    batch = sample(path, "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 60, "--num-samples", 3)
+    assert batch.stdout.split("\n" + "-" * 40 + "\n") == [r.stdout] * 3  # one batch, each row as the single run
 
 
 def test_sample_prints_characters_split_over_tokens_whole(capsys):
@@ -1376,18 +1430,19 @@ def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path)
     assert len(val) == 2 and val[1] < val[0]
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["step"] == 8 and abs(ckpt["val_loss"] - val[1]) < 1e-3
-    # The saved answers are the greedy continuations of the saved model, cut at end-of-text.
+    # The saved answers (in batches of 4 prompts of different lengths) are each prompt's own greedy
+    # continuation by the saved model, cut at end-of-text.
     model, tok = GPT.from_checkpoint(str(out)), Tokenizer()
-    entry = json.loads((tmp_path / "full-responses.json").read_text())[0]
-    prompt = torch.tensor([tok.encode(format_prompt(entry))])
-    with torch.no_grad():
-        new = []
-        for _ in range(3):  # plain argmax over the full sequence, no KV cache
-            next_id = model(torch.cat([prompt, torch.tensor([new], dtype=torch.long)], dim=1))[0][0, -1].argmax().item()
-            if next_id == EOT:
-                break
-            new.append(next_id)
-    assert entry["model_response"] == tok.decode(new).strip()
+    for entry in json.loads((tmp_path / "full-responses.json").read_text())[:6]:
+        prompt = torch.tensor([tok.encode(format_prompt(entry))])
+        with torch.no_grad():
+            new = []
+            for _ in range(3):  # plain argmax over the full sequence, no KV cache, no padding
+                next_id = model(torch.cat([prompt, torch.tensor([new], dtype=torch.long)], dim=1))[0][0, -1].argmax().item()
+                if next_id == EOT:
+                    break
+                new.append(next_id)
+        assert entry["model_response"] == tok.decode(new).strip()
 
 
 @pytest.mark.parametrize("args, message", [
