@@ -77,6 +77,23 @@ def generate(model, idx, new_tokens, top_k, autocast):
 
 
 @torch.no_grad()
+def generate_ragged(model, prompts, new_tokens, autocast):
+    """new_tokens greedy tokens after each of prompts (token-id lists of different lengths), as one
+    batch padded on the left: ours takes the lists; transformers takes the padded ids and a mask."""
+    with autocast:
+        if isinstance(model, GPT):
+            return model.generate(prompts, new_tokens, temperature=0)
+        from transformers import GenerationConfig
+
+        T, device = max(map(len, prompts)), model.device
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+        config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  eos_token_id=None, pad_token_id=0)
+        return [p + row[T:] for p, row in zip(prompts, model.generate(ids, attention_mask=mask, generation_config=config).tolist())]
+
+
+@torch.no_grad()
 def generate_without_cache(model, idx, new_tokens, autocast):
     """nanoGPT's greedy loop: no KV cache, so every step runs the whole sequence again."""
     with autocast:
@@ -265,6 +282,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
     p.add_argument("--prompt-len", type=int, default=32, help="generation prompt, batch 1")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
+    p.add_argument("--batch-new-tokens", type=int, default=64, help="tokens generated per row in the batch rows")
     p.add_argument("--top-k", type=int, default=50, help="k of the top-k sampling row")
     p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill row")
     add_device_arg(p)
@@ -334,6 +352,24 @@ def main():
         topk[theirs] / topk[ours])
     row("generation, greedy, no KV cache (nanoGPT's loop), tokens/s", f"{n / nocache:.1f}")
     row("KV cache speed-up, greedy", f"{nocache / greedy[ours]:.1f}x")
+
+    # 2b. Batches: a step reads every weight once for all rows, so until the matmuls become the
+    # limit, B rows cost little more than one.
+    n = args.batch_new_tokens
+    for B in (1, 4, 8, 16):
+        batch = torch.randint(0, c.vocab_size, (B, args.prompt_len), device=dev)
+        t = timed({m: (lambda m=m: generate(m, batch, n, None, autocast)) for m in (ours, theirs)}, args, f"batch {B}")
+        a, b = B * n / t[ours], B * n / t[theirs]
+        row(f"generation, greedy, batch {B} x ({args.prompt_len} + {n}) tokens, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
+    lengths = [args.prompt_len * (i + 1) // 4 or 1 for i in range(8)]  # 8 to 64 for the default 32
+    prompts = [torch.randint(0, c.vocab_size, (length,)).tolist() for length in lengths]
+    fns = {m: (lambda m=m: generate_ragged(m, prompts, n, autocast)) for m in (ours, theirs)}
+    fns["alone"] = lambda: [generate(ours, torch.tensor([p], device=dev), n, None, autocast) for p in prompts]
+    t = timed(fns, args, "mixed lengths")
+    a, b = 8 * n / t[ours], 8 * n / t[theirs]
+    row(f"generation, greedy, 8 prompts of {lengths[0]} to {lengths[-1]} tokens in one batch, + {n} each, tokens/s",
+        f"{a:.1f}", f"{b:.1f}", a / b)
+    row("the same 8 prompts: one batch over one by one, speed-up", f"{t['alone'] / t[ours]:.1f}x")
 
     # 3. Prefill: the prompt goes through the model once, filling the KV cache, then one token comes out.
     long = torch.randint(0, c.vocab_size, (1, args.prefill), device=dev)

@@ -1793,12 +1793,15 @@ def test_plot_of_single_points_is_not_blank(tmp_path):
 
 
 BENCH_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--batch-size", "2", "--seq-len", "16",
-              "--prompt-len", "8", "--new-tokens", "12", "--prefill", "32", "--reps", "1", "--warmup", "0"]
+              "--prompt-len", "8", "--new-tokens", "12", "--batch-new-tokens", "4", "--prefill", "32", "--reps", "1", "--warmup", "0"]
 BENCH_ROWS = [  # (start of the row's label, whether transformers' figure and the ratio are shown)
     ("float32 matmul peak", False), ("memory read bandwidth", False), ("generation bound", False),
     ("training step", True), ("training, GFLOP/s", True),
     ("generation, greedy, 8 + 12 tokens", True), ("generation, greedy, share of the bandwidth bound", True),
     ("generation, top-k 50", True), ("generation, greedy, no KV cache", False), ("KV cache speed-up", False),
+    ("generation, greedy, batch 1 x (8 + 4)", True), ("generation, greedy, batch 4", True),
+    ("generation, greedy, batch 8", True), ("generation, greedy, batch 16", True),
+    ("generation, greedy, 8 prompts of 2 to 16 tokens in one batch, + 4 each", True), ("the same 8 prompts", False),
     ("prefill, 32 tokens", True),
     ("loading", True), ("loading, peak RSS of the whole process", True), ("loading, peak RSS over the process", True),
     ("training step 2 x 16, peak RSS", True), ("greedy generation, peak RSS", True),
@@ -1841,6 +1844,8 @@ def test_bench_models_compute_the_same():
     assert torch.equal(a, bench.generate(theirs, x[:1], 10, None, no_autocast))
     assert torch.equal(a, bench.generate_without_cache(ours, x[:1], 10, no_autocast))
     assert bench.generate(theirs, x[:1], 10, 5, no_autocast).shape == (1, 30)  # top-k never stops early
+    prompts = [x[0, :n].tolist() for n in (3, 20, 9)]
+    assert bench.generate_ragged(ours, prompts, 8, no_autocast) == bench.generate_ragged(theirs, prompts, 8, no_autocast)
 
 
 def test_bench_checkpoint_has_openai_layout():
