@@ -1848,6 +1848,31 @@ def test_bench_models_compute_the_same():
     assert bench.generate_ragged(ours, prompts, 8, no_autocast) == bench.generate_ragged(theirs, prompts, 8, no_autocast)
 
 
+def test_bench_int8_perplexity_and_rows(tmp_path, run_main):
+    import bench_int8
+
+    model = tiny_model(n_ctx=16)
+    ids = torch.randint(0, TINY["vocab_size"], (40,)).tolist()  # windows of 17, 17 and 8 tokens, sharing their ends
+    hf = hf_twin(model)
+    with torch.no_grad():  # each window: 16 (or fewer) inputs, each predicting the token after it
+        nll = sum(F.cross_entropy(hf(torch.tensor([ids[i:i + 16]])).logits[0, :len(ids[i + 1:i + 17])],
+                                  torch.tensor(ids[i + 1:i + 17]), reduction="sum").item() for i in (0, 16, 32))
+    assert bench_int8.perplexity(model, ids) == pytest.approx(math.exp(nll / 39), rel=1e-5)
+    q = bench_int8.quantized(model)
+    assert type(q.transformer.h[0].mlp.c_fc).__name__ == "Linear" and q.transformer.h[0].mlp.c_fc.__module__.endswith("dynamic.modules.linear")
+    assert bench_int8.perplexity(q, ids) == pytest.approx(bench_int8.perplexity(model, ids), rel=0.05)  # close, not equal
+    assert bench_int8.perplexity(q, ids) != bench_int8.perplexity(model, ids)
+    path = str(tmp_path / "tiny.pt")
+    save_atomic(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_ctx=32)).checkpoint(), path)
+    (tmp_path / "held.txt").write_text((SHARED / "the-verdict.txt").read_text(encoding="utf-8")[:2000], encoding="utf-8")
+    r = run_main("bench_int8.py", "--model", path, "--text", tmp_path / "held.txt", "--n-layer", 1, "--n-head", 2,
+                 "--n-embd", 32, "--new-tokens", 3, "--reps", 1)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].split(" ")[1] for row in rows] == ["perplexity", "greedy"]
+    assert all(re.search(r"\| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+x \|$", row) for row in rows), rows
+
+
 def test_bench_checkpoint_has_openai_layout():
     import tensorflow as tf
 
