@@ -1,13 +1,14 @@
 """Fine-tune GPT-2 as an SMS spam classifier and measure it like a classifier.
 
 The model reads a message, and the hidden state of its last token (the only position
-that has seen the whole message) goes through a new 2-way head: ham or spam. Only the
-last few blocks, the final layer norm and the head are trained (a model from scratch
-trains everything).
+that has seen the whole message; --pool mean averages every token's instead) goes through
+a new 2-way head: ham or spam. Only the last few blocks, the final layer norm and the head
+are trained (a model from scratch trains everything). The epoch of lowest validation loss
+is kept (--patience stops early after that many epochs without a lower one).
 
     python finetune_spam.py --init-from gpt2                        # OpenAI's 124M weights
-    python finetune_spam.py --init-from scratch --n-layer 2 --n-head 4 --n-embd 128 --context-length 300 \
-        --trainable-blocks all --dropout 0.1 --lr 1e-3 --warmup-iters 65 --min-lr 0   # no weights needed: a minute on CPU
+    python finetune_spam.py --init-from scratch --n-layer 4 --n-head 4 --n-embd 128 --context-length 300 \
+        --trainable-blocks all --dropout 0.1 --lr 1e-3 --warmup-iters 65 --min-lr 0   # no weights: ~80 s of CPU
     python finetune_spam.py --classify "You won a free cruise, call now"
     python finetune_spam.py --seeds 0-9 ...                         # ten runs, out/spam/seed<S>/; mean, std, worst
 """
@@ -119,19 +120,25 @@ def batches(examples, batch_size, device, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# Model: GPT-2 with a 2-way head read at each text's last real token.
+# Model: GPT-2 with a 2-way head read at each text's last real token (or the mean of its tokens).
 
 
-def with_class_head(model):
-    """Swap the vocabulary head for a ham/spam one (this unties it from wte, which keeps its weights)."""
+def with_class_head(model, pool="last"):
+    """Swap the vocabulary head for a ham/spam one (this unties it from wte, which keeps its weights);
+    pool: what the head reads, see classify()."""
     model.lm_head = nn.Linear(model.config.n_embd, len(LABELS))
+    model.pool = pool
     return model
 
 
 def classify(model, idx, lengths):
-    """(B, T) right-padded ids and their real lengths -> (B, 2) logits. Attention is causal, so
-    the last real token (index length - 1) never sees the padding after it."""
+    """(B, T) right-padded ids and their real lengths -> (B, 2) logits, read at the last real token
+    (index length - 1; pool "last") or averaged over all the real tokens (pool "mean"). Attention is
+    causal, so no real token ever sees the padding after it."""
     hidden = model.hidden_states(idx)  # (B, T, C)
+    if model.pool == "mean":
+        real = torch.arange(idx.size(1), device=idx.device) < lengths[:, None]  # (B, T)
+        return model.lm_head((hidden * real.unsqueeze(-1)).sum(1) / lengths[:, None])
     return model.lm_head(hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1])
 
 
@@ -153,7 +160,7 @@ def load_classifier(path):
         raise UserError(f"no saved classifier at {path}: train one first with  python finetune_spam.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights only: never runs code
-        model = with_class_head(GPT.empty(GPTConfig(**ckpt["config"])))
+        model = with_class_head(GPT.empty(GPTConfig(**ckpt["config"])), ckpt.get("pool", "last"))
         model.load_state_dict(ckpt["model"])
     except Exception:  # not a checkpoint at all, or one of another model
         raise UserError(f"{path} is not a spam classifier of this project: train one with  python finetune_spam.py") from None
@@ -223,13 +230,20 @@ def parser():
     p.add_argument("--context-length", type=number(int, 1), help="shorter context window (default: the model's own, 1024)")
     p.add_argument("--dropout", type=number(float, 0, 1), help="dropout rate (default: the model's own, 0)")
     p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
+    p.add_argument("--pool", choices=["last", "mean"], default="last", help="the head reads the last real token's "
+                   "state (the book's), or the mean of every real token's")
     p.add_argument("--epochs", type=number(int, 1), default=5)
+    p.add_argument("--patience", type=number(int, 1), help="stop after this many epochs without a lower validation "
+                   "loss; None: train all --epochs")
     p.add_argument("--batch-size", type=number(int, 1), default=8)
     p.add_argument("--lr", type=number(float, 0), default=5e-5, help="peak learning rate")
     p.add_argument("--min-lr", type=number(float, 0), help="learning rate at the end of a cosine decay over all the steps; "
                    "None: --lr throughout (constant, as in the book)")
     p.add_argument("--warmup-iters", type=number(int, 0), default=0, help="steps of linear warmup to --lr")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.1, help="on weight matrices only")
+    p.add_argument("--grad-clip", type=number(float, 0), default=0.0, help="clip the gradient norm to this; 0: no clipping")
+    p.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="of the training loss "
+                   "(validation and test losses are plain cross-entropy)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=123, help="seeds the balanced split and the training")
     seeds.add_argument("--seeds", type=seed_list, help="one run per seed (0-9, 1,4,7, ...), one after the other, "
@@ -283,7 +297,7 @@ def fine_tune(args, seed, out_dir, messages, tokenizer, device):
     print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
     torch.manual_seed(seed)
     model = with_class_head(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
-                                       n_head=args.n_head, n_embd=args.n_embd))
+                                       n_head=args.n_head, n_embd=args.n_embd), args.pool)
     freeze_all_but(model, args.trainable_blocks)
     model.to(device)
     data = {name: [(encode(tokenizer, text, model.config.n_ctx), LABELS.index(label)) for label, text in ms]
@@ -300,9 +314,11 @@ def fine_tune(args, seed, out_dir, messages, tokenizer, device):
             for i, (idx, lengths, y) in enumerate(batches(data["train"], args.batch_size, device, generator)):
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate((epoch - 1) * steps_per_epoch + i, args.epochs * steps_per_epoch, args)
-                loss = F.cross_entropy(classify(model, idx, lengths), y)
+                loss = F.cross_entropy(classify(model, idx, lengths), y, label_smoothing=args.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -311,9 +327,12 @@ def fine_tune(args, seed, out_dir, messages, tokenizer, device):
             saved = best is None or val["loss"] < best["validation"]["loss"]
             if saved:  # keep the epoch with the lowest validation loss
                 best = history[-1]
-                save_atomic(model.checkpoint(labels=LABELS, epoch=epoch, seed=seed), checkpoint_path)
+                save_atomic(model.checkpoint(labels=LABELS, pool=args.pool, epoch=epoch, seed=seed), checkpoint_path)
             bar.write(f"epoch {epoch}: train loss {train['loss']:.4f} acc {train['accuracy']:.2%} | "
                       f"val loss {val['loss']:.4f} acc {val['accuracy']:.2%}" + (" | saved" if saved else ""))
+            if args.patience and epoch - best["epoch"] >= args.patience:
+                bar.write(f"no lower validation loss in {args.patience} epochs: stopping")
+                break
 
     model = load_classifier(checkpoint_path).to(device)
     report = {name: evaluate(model, examples, args.batch_size, device) for name, examples in data.items()}

@@ -1129,6 +1129,11 @@ def test_spam_last_real_token_of_padded_batch():
         at_padding = model.lm_head(model.hidden_states(idx)[:, -1])
     torch.testing.assert_close(batched, alone)
     assert not torch.allclose(at_padding[0], alone[0])  # the padding's own state would give another answer
+    model.pool = "mean"  # the mean over the real tokens: the padding does not count either
+    with torch.no_grad():
+        batched = fs.classify(model, idx, lengths)
+        alone = torch.cat([fs.classify(model, torch.tensor([ids]), torch.tensor([len(ids)])) for ids, _ in examples])
+    torch.testing.assert_close(batched, alone)
 
 
 def test_spam_metrics_by_hand():
@@ -1219,6 +1224,18 @@ def test_spam_seeds_one_folder_each_then_the_summary(tmp_path):
     assert summary["worst"]["test_accuracy"] == min(accuracies)
     assert summary["std"]["test_accuracy"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / math.sqrt(2))
     assert "| **worst** |" in r.stdout and fs.load_classifier(earlier).lm_head.out_features == 2
+
+
+def test_spam_patience_stops_and_pool_is_kept(tmp_path):
+    spam_sample(tmp_path)
+    # lr 0: the validation loss never falls after epoch 1, so patience 2 stops after epoch 3 of 5
+    r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "5",
+                   "--patience", "2", "--lr", "0", "--pool", "mean", "--label-smoothing", "0.1", "--grad-clip", "1",
+                   *SPAM_TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [h["epoch"] for h in report["history"]] == [1, 2, 3] and report["best_epoch"] == 1
+    assert fs.load_classifier(tmp_path / "out" / "classifier.pt").pool == "mean"
 
 
 def test_spam_seeds_flag_is_checked(tmp_path):
