@@ -221,11 +221,10 @@ class GPT(nn.Module):
     @classmethod
     def empty(cls, config):
         """A model whose weights are about to be overwritten: skips drawing random ones (seconds for big models)."""
-        with torch.device("meta"):  # shapes only, no memory
-            model = cls(config)
-        model.to_empty(device="cpu")
-        model.lm_head.weight = model.transformer.wte.weight  # to_empty gave each its own tensor: tie them again
-        return model
+        from unittest import mock  # nn.init's random draws (nn.Linear's, nn.Embedding's, ours) become no-ops
+        skip = dict.fromkeys(("normal_", "uniform_", "kaiming_uniform_"), lambda tensor, *args, **kwargs: tensor)
+        with mock.patch.multiple(nn.init, **skip):  # (not the meta device: its first use imports torch._dynamo, 2 s)
+            return cls(config)  # the weights as torch.empty left them
 
     def hidden_states(self, idx, caches=None):
         """(B, T) token ids -> (B, T, n_embd) final layer-normed vectors."""
