@@ -735,6 +735,8 @@ def test_hf_converted_checkpoint_equals_the_tensorflow_one_and_loads_without_ten
     assert r.stdout.split() == ["False", str(sum(p.double().sum().item() for p in from_tf.parameters()))]
     text = "Every effort moves you, naïvely, 1234 times!\n"
     assert GPT2Tokenizer.from_pretrained(folder).encode(text) == Tokenizer().encode(text)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-4])
+    assert not download_weights.converted(folder)  # partial: download_weights.py converts again
 
 
 def test_hf_bad_files_are_one_clear_line(tmp_path, run_main):
@@ -1895,7 +1897,10 @@ BENCH_ROWS = [  # (start of the row's label, whether transformers' figure and th
     ("generation, greedy, 8 + 12 tokens", True), ("generation, greedy, share of the bandwidth bound", True),
     ("generation, top-k 50", True), ("generation, greedy, no KV cache", False), ("KV cache speed-up", False),
     ("prefill, 32 tokens", True),
-    ("loading", True), ("loading, peak RSS of the whole process", True), ("loading, peak RSS over the process", True),
+    ("loading 14 MB of weights, ours from OpenAI's TF checkpoint", True),
+    ("loading, ours from OpenAI's TF checkpoint: peak RSS of", True), ("loading, ours from OpenAI's TF checkpoint: peak RSS over", True),
+    ("loading 14 MB of weights, ours from safetensors", True),
+    ("loading, ours from safetensors: peak RSS of", True), ("loading, ours from safetensors: peak RSS over", True),
     ("training step 2 x 16, peak RSS", True), ("greedy generation, peak RSS", True),
 ]
 
@@ -1921,9 +1926,10 @@ def test_bench_prints_every_row(tmp_path):
     # The OpenAI checkpoint it wrote (and keeps in the temp folder) holds the very weights it benchmarked.
     (folder,) = tmp_path.glob("gpt2-bench-2x4x64-seed0")
     ours, _ = bench.make_models(2, 4, 64, seed=0)
-    loaded = GPT.from_pretrained(str(folder / "openai"))
-    for name, p in ours.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], p), name
+    for kind in ("openai", "converted"):  # and so does its conversion to safetensors
+        loaded = GPT.from_pretrained(str(folder / kind))
+        for name, p in ours.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], p), (kind, name)
 
 
 def test_bench_models_compute_the_same():
