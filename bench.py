@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common import add_device_arg, argument_parser, configure_optimizer, pick_device, run
+from download_weights import write_hf
 from gpt2 import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -176,16 +177,20 @@ def phase_peak(which, phase, args_dict):
 def load_peak(which, folder):
     """Run in a fresh process: load folder and read each weight once -> (seconds, RSS before, peak RSS) in bytes."""
     # Import first what loading needs (TensorFlow reads OpenAI's files): libraries are not the loader's memory.
-    if which == "ours":
+    tensorflow = which == "ours" and not os.path.isfile(os.path.join(folder, "model.safetensors"))
+    if tensorflow:
         import tensorflow  # noqa: F401
-    else:
+    elif which == "theirs":
         from transformers import GPT2LMHeadModel
     before = rss()
     reset_peak("cpu")
     t0 = time.perf_counter()
     model = GPT.from_pretrained(folder) if which == "ours" else GPT2LMHeadModel.from_pretrained(folder)
-    sum(p.sum() for p in model.parameters())  # read every weight: safetensors maps the file lazily
+    with torch.no_grad():
+        sum(p.sum() for p in model.parameters())  # read every weight: transformers maps the file lazily
     seconds = time.perf_counter() - t0
+    if not tensorflow and "tensorflow" in sys.modules:
+        raise RuntimeError(f"loading {folder} imported TensorFlow")
     return seconds, before, rss("VmHWM")
 
 
@@ -257,17 +262,21 @@ def write_openai_checkpoint(model, folder):
 
 
 def checkpoints(ours, theirs, args):
-    """The same weights as OpenAI's TF checkpoint and as transformers' safetensors, written once
-    into the temp folder and kept for later runs -> (openai folder, transformers folder)."""
+    """The same weights as OpenAI's TF checkpoint, as download_weights.py converts it to safetensors,
+    and as transformers' save_pretrained writes them, each written once into the temp folder and
+    kept for later runs -> {"openai": folder, "converted": folder, "transformers": folder}."""
     root = os.path.join(tempfile.gettempdir(), f"gpt2-bench-{args.n_layer}x{args.n_head}x{args.n_embd}-seed{args.seed}")
-    openai_dir, hf_dir = os.path.join(root, "openai"), os.path.join(root, "transformers")
-    if not os.path.isdir(openai_dir):
-        print(f"writing {openai_dir}", file=sys.stderr)
-        write_openai_checkpoint(ours, openai_dir)
-    if not os.path.isdir(hf_dir):
-        theirs.save_pretrained(hf_dir + ".tmp")
-        os.replace(hf_dir + ".tmp", hf_dir)
-    return openai_dir, hf_dir
+    folders = {name: os.path.join(root, name) for name in ("openai", "converted", "transformers")}
+    if not os.path.isdir(folders["openai"]):
+        print(f"writing {folders['openai']}", file=sys.stderr)
+        write_openai_checkpoint(ours, folders["openai"])
+    if not os.path.isdir(folders["converted"]):
+        write_hf(GPT.from_pretrained(folders["openai"]), folders["converted"] + ".tmp")  # as download_weights.py does
+        os.replace(folders["converted"] + ".tmp", folders["converted"])
+    if not os.path.isdir(folders["transformers"]):
+        theirs.save_pretrained(folders["transformers"] + ".tmp")
+        os.replace(folders["transformers"] + ".tmp", folders["transformers"])
+    return folders
 
 
 # -----------------------------------------------------------------------------
@@ -305,7 +314,7 @@ def main():
     peak, mm_dtype = matmul_peak(args)
     bandwidth = read_bandwidth(args)
     ours, theirs = make_models(args.n_layer, args.n_head, args.n_embd, args.seed)
-    openai_dir, hf_dir = checkpoints(ours, theirs, args)  # before training changes the weights
+    folders = checkpoints(ours, theirs, args)  # before training changes the weights
     ours, theirs = ours.to(dev), theirs.to(dev)
     n_params = sum(p.numel() for p in ours.parameters())  # wte counted once: it is also lm_head
     # Each new token reads every weight but wpe (one row of it) once: the bound batch-1 generation can't beat.
@@ -377,20 +386,23 @@ def main():
     row(f"prefill, {args.prefill} tokens, tokens/s", f"{args.prefill / t[ours]:.0f}",
         f"{args.prefill / t[theirs]:.0f}", t[theirs] / t[ours])
 
-    # 4. Loading, each in a fresh process: ours from OpenAI's TF checkpoint, theirs from their own format.
+    # 4. Loading, each in a fresh process: ours from OpenAI's TF checkpoint and from its conversion, theirs from theirs.
     del ours, theirs
-    size = sum(os.path.getsize(os.path.join(openai_dir, f)) for f in os.listdir(openai_dir))
-    loads = {"ours": [], "theirs": []}
+    weights = 4 * n_params  # float32
+    loads = {name: [] for name in folders}
     for i in tqdm(range(args.reps), desc="loading", leave=False):
-        for which in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
-            loads[which].append(in_fresh_process("load_peak", which, openai_dir if which == "ours" else hf_dir))
-    (sa, ba, pa), (sb, bb, pb) = ([statistics.median(v) for v in zip(*loads[w])] for w in ("ours", "theirs"))
-    row(f"loading {size / MB:.0f} MB of weights (ours: OpenAI TF checkpoint; theirs: safetensors), s",
-        f"{sa:.2f}", f"{sb:.2f}", sa / sb)
-    row("loading, peak RSS of the whole process, MB", f"{pa / MB:.0f}", f"{pb / MB:.0f}", pa / pb)
-    row("loading, peak RSS over the process before loading, MB (x checkpoint size)",
-        f"{(pa - ba) / MB:.0f} ({(pa - ba) / size:.2f}x)", f"{(pb - bb) / MB:.0f} ({(pb - bb) / size:.2f}x)",
-        (pa - ba) / (pb - bb))
+        for name in list(folders) if i % 2 == 0 else list(folders)[::-1]:
+            which = "theirs" if name == "transformers" else "ours"
+            loads[name].append(in_fresh_process("load_peak", which, folders[name]))
+    sb, bb, pb = (statistics.median(v) for v in zip(*loads["transformers"]))
+    for name, source in (("openai", "OpenAI's TF checkpoint"), ("converted", "safetensors")):  # converted: download_weights.py's
+        sa, ba, pa = (statistics.median(v) for v in zip(*loads[name]))
+        row(f"loading {weights / MB:.0f} MB of weights, ours from {source}, theirs from safetensors, s",
+            f"{sa:.2f}", f"{sb:.2f}", sa / sb)
+        row(f"loading, ours from {source}: peak RSS of the whole process, MB", f"{pa / MB:.0f}", f"{pb / MB:.0f}", pa / pb)
+        row(f"loading, ours from {source}: peak RSS over the process before loading, MB (x weights)",
+            f"{(pa - ba) / MB:.0f} ({(pa - ba) / weights:.2f}x)", f"{(pb - bb) / MB:.0f} ({(pb - bb) / weights:.2f}x)",
+            (pa - ba) / (pb - bb))
 
     # 5. Peak memory of training and generation, each in a fresh process.
     kind = "allocated" if dev == "cuda" else "RSS"

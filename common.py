@@ -154,16 +154,17 @@ def model_path(spec):
     try:
         return os.path.join(MODELS_DIR, size_name(spec))
     except ValueError:
-        raise UserError(f"{spec} not found: pass a size name, an OpenAI model folder or a .pt checkpoint") from None
+        raise UserError(f"{spec} not found: pass a size name, a model folder (OpenAI's or Hugging Face's) "
+                        "or a .pt checkpoint") from None
 
 
 def load_model(spec):
-    """A size name, an OpenAI folder or a .pt of ours -> GPT in eval mode."""
+    """A size name, a model folder (OpenAI's or Hugging Face's) or a .pt of ours -> GPT in eval mode."""
     path = model_path(spec)
     if not os.path.exists(path):
         raise UserError(f"no weights in {path}: run  python download_weights.py --model {size_name(spec)}")
-    if os.path.isdir(path):  # OpenAI's files: TensorFlow reads them, and its start-up log is not for our users
-        with quiet_stderr():
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.safetensors")):
+        with quiet_stderr():  # OpenAI's TensorFlow files, read with TensorFlow: its start-up log is not for our users
             import tensorflow  # noqa: F401
     return GPT.from_pretrained(path)
 

@@ -1,16 +1,24 @@
-"""Download OpenAI's GPT-2 checkpoint (its TensorFlow files) into models/<size>/.
+"""Download OpenAI's GPT-2 checkpoint (its TensorFlow files) into models/<size>/ and convert it,
+once, into files that load fast and without TensorFlow; or write any model as a Hugging Face folder.
 
     python download_weights.py --model 124M    # or 355M, 774M, 1558M, gpt2, gpt2-medium, gpt2-large, gpt2-xl
+    python download_weights.py --export-hf out/best.pt hf/my-gpt2    # for transformers, the Hub, llama.cpp
 
 Each file goes to a temporary .part name, is resumed where an interrupted run left it,
 checked against its published size and only then renamed into place. Files already
 complete are skipped, so running the command again finishes an interrupted download.
+The TensorFlow files are then converted into config.json and model.safetensors beside
+them (with vocab.json and merges.txt, the tokenizer under transformers' names): a Hugging
+Face GPT-2 folder, which GPT.from_pretrained reads first. --export-hf MODEL DIR writes the
+same files into DIR for any model the scripts load: a size name, a model folder or a .pt.
 """
 
 import os
+import shutil
 
-from common import MODELS_DIR, argument_parser, download, run
-from gpt2 import size_name
+from common import (MODELS_DIR, add_overwrite_arg, argument_parser, check_out_files, download, load_model, model_path,
+                    run, write_json)
+from gpt2 import GPT, size_name
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
 FILES = ["checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -25,6 +33,53 @@ PUBLISHED = {
     "774M": {},
     "1558M": {},
 }
+HF_FILES = ["model.safetensors", "config.json"]  # written in this order: config.json there = the folder is whole
+TOKENIZER_FILES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}  # OpenAI's names -> transformers' (same files)
+
+
+def write_hf(model, folder, tokenizer_from=None):
+    """model as a Hugging Face GPT-2 folder: model.safetensors (the names and layout of transformers'
+    GPT2LMHeadModel.save_pretrained), config.json, and the tokenizer files when tokenizer_from holds
+    OpenAI's. Each file goes to a temporary name and is renamed when whole."""
+    from safetensors.torch import save_file  # needed only here
+
+    os.makedirs(folder, exist_ok=True)
+    tensors = {name: (p.t() if name.endswith(GPT.CONV1D) else p).contiguous()  # (out, in) -> transformers' (in, out)
+               for name, p in model.state_dict().items() if name != "lm_head.weight"}  # tied to wte: stored once
+    path = os.path.join(folder, "model.safetensors")
+    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    for ours, theirs in TOKENIZER_FILES.items():
+        if tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, ours)):
+            shutil.copyfile(os.path.join(tokenizer_from, ours), os.path.join(folder, theirs) + ".tmp")
+            os.replace(os.path.join(folder, theirs) + ".tmp", os.path.join(folder, theirs))
+    c = model.config
+    write_json({**GPT.HF_CONFIG, "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+                "n_positions": c.n_ctx, "n_ctx": c.n_ctx,  # n_ctx: what llama.cpp's converter reads
+                "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+                "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+                "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1},  # <|endoftext|>, the last id
+               os.path.join(folder, "config.json"))
+
+
+def converted(folder):
+    """Whether folder holds a whole conversion: config.json, and a model.safetensors as long as its index says."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt"):  # reads the index, checks the length
+            return os.path.isfile(os.path.join(folder, "config.json"))
+    except (OSError, SafetensorError):
+        return False
+
+
+def convert(folder):
+    """OpenAI's TensorFlow checkpoint in folder -> a Hugging Face GPT-2 folder's files beside it."""
+    for name in HF_FILES:  # an older or partial conversion: GPT.from_pretrained would read it, not the checkpoint
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    print(f"{folder}: converting the TensorFlow checkpoint to model.safetensors (loads without TensorFlow)")
+    write_hf(load_model(folder), folder, tokenizer_from=folder)
 
 
 def main():
@@ -32,11 +87,22 @@ def main():
     parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     parser.add_argument("--models-dir", default=MODELS_DIR, help="the files go to <models-dir>/<size>/")
     parser.add_argument("--base-url", default=BASE_URL, help="where the <size>/<file> URLs start")
+    parser.add_argument("--export-hf", nargs=2, metavar=("MODEL", "DIR"), help="instead of downloading: write MODEL "
+                        "(a size name, a model folder or a .pt) into DIR as a Hugging Face GPT-2 folder")
+    add_overwrite_arg(parser, "--export-hf's DIR")
     args = parser.parse_args()
 
+    if args.export_hf:
+        spec, out = args.export_hf
+        check_out_files([os.path.join(out, name) for name in HF_FILES], args.overwrite)
+        source = model_path(spec)
+        write_hf(load_model(spec), out, tokenizer_from=source if os.path.isdir(source) else None)
+        print(f"{out}: a Hugging Face GPT-2 folder; transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")
+        return
     size = size_name(args.model)
     folder = os.path.join(args.models_dir, size)
     sizes = {**SAME_FOR_ALL, **PUBLISHED[size]}
+    fetched = False  # new TensorFlow files: any conversion there is of older ones
     for name in FILES:
         dest, expected = os.path.join(folder, name), sizes.get(name)
         if os.path.isfile(dest):
@@ -46,10 +112,15 @@ def main():
             print(f"{dest}: {os.path.getsize(dest):,} bytes, expected {expected:,}: downloading it again")
         try:
             download(f"{args.base_url.rstrip('/')}/{size}/{name}", dest, size=expected)
+            fetched = True
         except BaseException:
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)  # leave no empty models/<size>/ behind: it would look like a download
             raise
+    if fetched or not converted(folder):
+        convert(folder)
+    else:
+        print(f"{folder}: converted already, skipped")
     print(f"GPT-2 {size} is in {folder}; try  python sample.py --model {folder}")
 
 

@@ -51,7 +51,7 @@ def index_tensors(folder):
     with quiet_stderr():  # TensorFlow's start-up log
         import tensorflow as tf  # only here: OpenAI's index is a TensorFlow file
 
-    config = GPT.openai_config(folder)
+    config = GPT.read_config(folder)
     found = {name: tuple(shape) for name, shape in tf.train.list_variables(os.path.join(folder, "model.ckpt"))}
     tensors = []
     for name, p in skeleton(config).named_parameters():

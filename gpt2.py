@@ -12,7 +12,6 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import tiktoken
 import torch
 import torch.nn as nn
@@ -223,11 +222,10 @@ class GPT(nn.Module):
     @classmethod
     def empty(cls, config):
         """A model whose weights are about to be overwritten: skips drawing random ones (seconds for big models)."""
-        with torch.device("meta"):  # shapes only, no memory
-            model = cls(config)
-        model.to_empty(device="cpu")
-        model.lm_head.weight = model.transformer.wte.weight  # to_empty gave each its own tensor: tie them again
-        return model
+        from unittest import mock  # nn.init's random draws (nn.Linear's, nn.Embedding's, ours) become no-ops
+        skip = dict.fromkeys(("normal_", "uniform_", "kaiming_uniform_"), lambda tensor, *args, **kwargs: tensor)
+        with mock.patch.multiple(nn.init, **skip):  # (not the meta device: its first use imports torch._dynamo, 2 s)
+            return cls(config)  # the weights as torch.empty left them
 
     def hidden_states(self, idx, caches=None, pad=None):
         """(B, T) token ids -> (B, T, n_embd) final layer-normed vectors. pad (B,), if given, counts
@@ -329,7 +327,13 @@ class GPT(nn.Module):
         return [list(p) + (row[:row.index(eos_id) + 1] if eos_id in row else row) for p, row in zip(idx, rows)]
 
     # -------------------------------------------------------------------------
-    # Weights: OpenAI's TensorFlow checkpoints and our own training checkpoints.
+    # Weights: OpenAI's TensorFlow checkpoints, Hugging Face's GPT-2 folders, our own training checkpoints.
+
+    # What this file computes, in transformers' GPT2Config: a config.json that says otherwise is another model.
+    HF_CONFIG = {"model_type": "gpt2", "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                 "reorder_and_upcast_attn": False, "tie_word_embeddings": True}
+    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # theirs: (in, out)
 
     @staticmethod
     def openai_name(name):
@@ -345,50 +349,94 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """A folder of OpenAI's checkpoint (hparams.json, model.ckpt.*) or a .pt file from
-        train.py -> GPT in eval mode. Every weight must be found, once, with its exact shape."""
+        """A .pt file from train.py, a Hugging Face GPT-2 folder (config.json, model.safetensors) or
+        OpenAI's (hparams.json, model.ckpt.*) -> GPT in eval mode. download_weights.py adds the first
+        two to OpenAI's folders: read first where present, they need no TensorFlow."""
         if os.path.isfile(path):
             return cls.from_checkpoint(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} not found: pass a model folder or a .pt checkpoint")
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            return cls.from_safetensors(path)
         for name in ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"):
             if not os.path.isfile(os.path.join(path, name)):
                 raise FileNotFoundError(f"{os.path.join(path, name)} not found: the checkpoint in {path} is incomplete")
-        model, ckpt = cls.empty(cls.openai_config(path)), os.path.join(path, "model.ckpt")
+        model, ckpt = cls.empty(cls.read_config(path)), os.path.join(path, "model.ckpt")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up logging off
         import tensorflow as tf  # only needed here, to read OpenAI's files
 
         reader = tf.train.load_checkpoint(ckpt)
-        params = model.state_dict()
-        expected = {cls.openai_name(name): name for name in params if name != "lm_head.weight"}  # tied to wte
-        found = reader.get_variable_to_shape_map()
-        if set(found) != set(expected):
-            missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-            raise ValueError(f"{ckpt} does not match a GPT-2 of this size: missing {missing[:3]}, unexpected {extra[:3]}")
-        data, need = ckpt + ".data-00000-of-00001", 4 * sum(math.prod(shape) for shape in found.values())  # float32
-        if os.path.getsize(data) < need:
-            raise ValueError(f"{data} has {os.path.getsize(data):,} bytes, but its index lists {need:,}: "
-                             "the file is incomplete (an interrupted download or copy); download it again")
-        for tf_name, name in expected.items():
-            array = reader.get_tensor(tf_name)
-            if tf_name.endswith("/w"):  # OpenAI stores linear layers as 1x1 convolutions: (1, in, out)
-                array = array.squeeze(0).T  # -> (out, in), as nn.Linear keeps them
-            if tuple(array.shape) != tuple(params[name].shape):
-                raise ValueError(f"{tf_name} in {ckpt} has shape {list(array.shape)}, expected {list(params[name].shape)}")
-            params[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+        params = {cls.openai_name(k): p for k, p in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+        found = reader.get_variable_to_shape_map()  # OpenAI stores linear layers as 1x1 convolutions: (1, in, out)
+        expected = {k: (1, *p.shape[::-1]) if k.endswith("/w") else p.shape for k, p in params.items()}
+        need = 4 * sum(math.prod(shape) for shape in found.values())  # float32
+        cls.check_weights(ckpt, found, expected, ckpt + ".data-00000-of-00001", need)
+        for name, p in params.items():
+            array = reader.get_tensor(name)
+            p.copy_(torch.from_numpy(array[0].T if name.endswith("/w") else array))  # (out, in), as nn.Linear's
+        return model.eval()
+
+    @classmethod
+    def from_safetensors(cls, folder):
+        """A Hugging Face GPT-2 folder -> GPT in eval mode. model.safetensors holds 8 bytes giving the
+        length of a JSON index {name: dtype, shape, data_offsets}, the index, then the tensors' bytes,
+        which are read straight into the parameters: loading takes little memory beyond the model's."""
+        model, path = cls.empty(cls.read_config(folder)), os.path.join(folder, "model.safetensors")
+        params = {k.removeprefix("transformer."): p for k, p in model.state_dict().items() if k != "lm_head.weight"}
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        skip = ("__metadata__", ".attn.bias", ".attn.masked_bias", "lm_head.weight")  # old files' masks; the tied head
+        with open(path, "rb") as f:
+            try:  # names with "transformer." (as save_pretrained writes them) or without (the Hub's gpt2)
+                index = json.loads(f.read(min(int.from_bytes(f.read(8), "little"), 100 << 20)))  # the format's cap
+                found = {k.removeprefix("transformer."): (dtypes[v["dtype"]], v["shape"], v["data_offsets"][0])
+                         for k, v in index.items() if not k.endswith(skip)}
+                start = f.tell()
+                need = start + max((v["data_offsets"][1] for k, v in index.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                raise ValueError(f"{path} is not a safetensors file of float tensors ({type(e).__name__})") from None
+            expected = {k: p.shape[::-1] if k.endswith(cls.CONV1D) else p.shape for k, p in params.items()}
+            cls.check_weights(path, {k: shape for k, (_, shape, _) in found.items()}, expected, path, need)
+            for name, p in params.items():
+                dtype, shape, offset = found[name]
+                f.seek(start + offset)  # a buffer only where the bytes need rearranging: (in, out), or not float32
+                buf = torch.empty(shape, dtype=dtype) if name.endswith(cls.CONV1D) or dtype != p.dtype else p
+                f.readinto(buf.view(torch.uint8).numpy())
+                if buf is not p:
+                    p.copy_(buf.t() if name.endswith(cls.CONV1D) else buf)
         return model.eval()
 
     @staticmethod
-    def openai_config(folder):
-        """The GPTConfig of an OpenAI folder, from its hparams.json."""
-        path = os.path.join(folder, "hparams.json")
+    def check_weights(path, found, expected, data, need):
+        """found and expected {name: shape}: every weight must be found, once, with its exact shape, and
+        the data file hold the bytes the index lists; else a one-line ValueError naming the file."""
+        if set(found) != set(expected):
+            missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            raise ValueError(f"{path} does not match a GPT-2 of this size: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, shape in found.items():
+            if tuple(shape) != tuple(expected[name]):
+                raise ValueError(f"{name} in {path} has shape {list(shape)}, expected {list(expected[name])}")
+        if os.path.getsize(data) < need:
+            raise ValueError(f"{data} has {os.path.getsize(data):,} bytes, but its index lists {need:,}: "
+                             "the file is incomplete (an interrupted download or copy); download it again")
+
+    @classmethod
+    def read_config(cls, folder):
+        """The GPTConfig of a model folder: from config.json beside model.safetensors, else OpenAI's hparams.json."""
+        hf = os.path.isfile(os.path.join(folder, "model.safetensors"))
+        path = os.path.join(folder, "config.json" if hf else "hparams.json")
         try:
             with open(path, encoding="utf-8") as f:
                 hp = json.load(f)
-            return GPTConfig(vocab_size=hp["n_vocab"], n_ctx=hp["n_ctx"], n_embd=hp["n_embd"],
-                             n_head=hp["n_head"], n_layer=hp["n_layer"])
+            vocab_size, n_ctx = (hp["vocab_size"], hp["n_positions"]) if hf else (hp["n_vocab"], hp["n_ctx"])
+            sizes = dict(vocab_size=vocab_size, n_ctx=n_ctx, n_embd=hp["n_embd"], n_head=hp["n_head"], n_layer=hp["n_layer"])
+            if not all(isinstance(n, int) and n > 0 for n in sizes.values()):
+                raise TypeError(f"the sizes {sizes} must be positive integers")
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not GPT-2's hparams.json ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{path} is not GPT-2's {os.path.basename(path)} ({type(e).__name__}: {e})") from None
+        for key, ours in cls.HF_CONFIG.items():  # (hparams.json has none of these keys)
+            if hp.get(key, ours) != ours:
+                raise ValueError(f"{path} has {key} {hp[key]!r}; gpt2.py computes GPT-2 with {ours!r}")
+        return GPTConfig(**sizes)
 
     @classmethod
     def from_checkpoint(cls, path):

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -537,11 +538,17 @@ def dl_no_wait(monkeypatch):
 
 def _dl_release(size):
     """The files of a release as the server holds them: the real tokenizer files, and for 124M
-    the real small checkpoint files; anything else is made-up bytes."""
+    the real small checkpoint files; for other sizes a tiny real checkpoint (which the download
+    then converts); anything else is made-up bytes."""
     real = {name: (SHARED / "gpt2-124M" / name).read_bytes() for name in ("encoder.json", "vocab.bpe")}
     if size == "124M":
         real |= {name: (SHARED / "gpt2-124M" / name).read_bytes()
                  for name in ("checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.meta")}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny = write_openai_checkpoint(Path(tmp), hf_twin(tiny_model()), n_ctx=TINY["n_ctx"])
+            real |= {name: (tiny / name).read_bytes() for name in ("hparams.json", "model.ckpt.index",
+                                                                   "model.ckpt.data-00000-of-00001")}
     fake = {name: os.urandom(1000 + 37 * i) for i, name in enumerate(download_weights.FILES)}
     return {f"/{size}/{name}": real.get(name, fake[name]) for name in download_weights.FILES}
 
@@ -569,6 +576,7 @@ def test_dl_interrupted_transfer_resumes_with_range(dl_server, dl_no_wait, tmp_p
     monkeypatch.setitem(download_weights.PUBLISHED, "124M",
                         {**download_weights.PUBLISHED["124M"], data: len(dl_server.files[f"/124M/{data}"])})
     dl_server.cut_once = {"/124M/model.ckpt.meta"}
+    monkeypatch.setattr(download_weights, "convert", lambda folder: None)  # the data file is made up
     monkeypatch.setattr(sys, "argv", ["download_weights.py", "--model", "gpt2",
                                       "--models-dir", str(tmp_path), "--base-url", dl_server.url])
     download_weights.main()
@@ -639,17 +647,20 @@ def test_dl_ensure_file(dl_server, dl_no_wait, tmp_path):
 
 def test_dl_script_downloads_then_skips(dl_server, tmp_path):
     """774M: the tokenizer files are checked against their published sizes, the rest against
-    Content-Length; a second run requests nothing."""
+    Content-Length, and the checkpoint is converted; a second run requests and converts nothing."""
     dl_server.files = _dl_release("774M")
     args = ["--model", "gpt2-large", "--models-dir", tmp_path, "--base-url", dl_server.url]
     r = run_script("download_weights.py", *args)
     assert r.returncode == 0, r.stderr
     for path, body in dl_server.files.items():
         assert (tmp_path / path.lstrip("/")).read_bytes() == body, path
+    assert "converting" in r.stdout and download_weights.converted(tmp_path / "774M")
+    converted = snapshot(tmp_path / "774M")
     n = len(dl_server.requests)
     r = run_script("download_weights.py", *args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("complete, skipped") == 7 and len(dl_server.requests) == n
+    assert "converted already, skipped" in r.stdout and snapshot(tmp_path / "774M") == converted
 
 
 def test_dl_script_refuses_wrong_size(dl_server, tmp_path):
@@ -676,6 +687,147 @@ def test_dl_script_unreachable_server(tmp_path):
 def test_dl_script_unknown_model(tmp_path):
     r = run_script("download_weights.py", "--model", "gpt3", "--models-dir", tmp_path)
     assert r.returncode == 1 and "unknown model size 'gpt3'" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2 folders (config.json + model.safetensors): in and out, against transformers
+
+
+def hf_logits_equal(ours, hf, vocab_size):
+    idx = torch.randint(0, vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, run_main):
+    """Our .pt (context 64) -> --export-hf -> transformers' own loader: the same logits, and the
+    file holds the names, shapes and config that transformers' save_pretrained writes."""
+    from safetensors import safe_open
+    from transformers import GPT2LMHeadModel
+
+    model = tiny_model(seed=11)
+    save_atomic(model.checkpoint(), str(tmp_path / "tiny.pt"))
+    out = tmp_path / "hf"
+    r = run_main("download_weights.py", "--export-hf", tmp_path / "tiny.pt", out)
+    assert r.returncode == 0, r.stderr
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.config.n_positions == 64 and hf.config.n_layer == 2
+    hf_logits_equal(model, hf, TINY["vocab_size"])
+    hf_twin(model).save_pretrained(tmp_path / "theirs")
+    shapes = {}
+    for folder in (out, tmp_path / "theirs"):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            shapes[folder] = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert shapes[out] == shapes[tmp_path / "theirs"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == 64  # n_ctx: llama.cpp's converter reads that one
+    line = one_line_error(run_main("download_weights.py", "--export-hf", tmp_path / "tiny.pt", out))
+    assert f"{out / 'model.safetensors'} is from an earlier run and would be replaced" in line
+    assert run_main("download_weights.py", "--export-hf", out, out, "--overwrite").returncode == 0  # read, then rewritten
+    hf_logits_equal(GPT.from_pretrained(str(out)), hf, TINY["vocab_size"])
+
+
+def test_hf_transformers_folders_load_with_the_same_logits(tmp_path):
+    """transformers' own random GPT-2 (context 48), as save_pretrained writes it (float32, then
+    float16), and as the Hub's gpt2 holds it (names without 'transformer.', the attention masks,
+    an older config.json) -> GPT.from_pretrained: transformers' logits, the weights exactly."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(12)
+    config = GPT2Config(vocab_size=100, n_positions=48, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "f32")
+    ours = GPT.from_pretrained(str(tmp_path / "f32"))
+    assert not ours.training and ours.config == GPTConfig(vocab_size=100, n_ctx=48, n_embd=64, n_head=4, n_layer=2)
+    assert all(p.is_contiguous() for p in ours.parameters())
+    hf_logits_equal(ours, hf, 100)
+
+    hf.half().save_pretrained(tmp_path / "f16")
+    half = GPT.from_pretrained(str(tmp_path / "f16"))
+    hf.float()
+    for name, p in half.state_dict().items():  # float16 -> float32 is exact
+        assert torch.equal(p, ours.state_dict()[name].half().float()), name
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "f32" / "model.safetensors").items()}
+    tensors |= {f"h.{i}.attn.bias": torch.tril(torch.ones(48, 48)).view(1, 1, 48, 48) for i in range(2)}
+    save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
+    (hub / "config.json").write_text(json.dumps({  # the Hub's openai-community/gpt2 config.json, tiny
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "embd_pdrop": 0.1,
+        "bos_token_id": 50256, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+        "model_type": "gpt2", "n_ctx": 48, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 48,
+        "resid_pdrop": 0.1, "vocab_size": 100}))
+    for name, p in GPT.from_pretrained(str(hub)).state_dict().items():
+        assert torch.equal(p, ours.state_dict()[name]), name
+
+
+def test_hf_converted_checkpoint_equals_the_tensorflow_one_and_loads_without_tensorflow(tmp_path):
+    """OpenAI's layout, written with TensorFlow -> download_weights' conversion -> model.safetensors
+    loads to bitwise the TensorFlow load's weights, in a process that never imports TensorFlow; the
+    tokenizer files beside it give transformers tiktoken's ids."""
+    from transformers import GPT2Tokenizer
+
+    folder = write_openai_checkpoint(tmp_path / "124M", hf_twin(tiny_model(seed=13)), n_ctx=TINY["n_ctx"])
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(OPENAI_124M / name, folder / name)
+    from_tf = GPT.from_pretrained(str(folder))
+    assert not download_weights.converted(folder)
+    download_weights.convert(str(folder))
+    assert download_weights.converted(folder)
+    from_st = GPT.from_pretrained(str(folder))
+    for name, p in from_tf.state_dict().items():
+        assert torch.equal(from_st.state_dict()[name], p), name
+    code = ("import sys, common; m = common.load_model(sys.argv[1]); "
+            "print('tensorflow' in sys.modules, sum(p.double().sum().item() for p in m.parameters()))")
+    r = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", str(sum(p.double().sum().item() for p in from_tf.parameters()))]
+    text = "Every effort moves you, naïvely, 1234 times!\n"
+    assert GPT2Tokenizer.from_pretrained(folder).encode(text) == Tokenizer().encode(text)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-4])
+    assert not download_weights.converted(folder)  # partial: download_weights.py converts again
+
+
+def test_hf_bad_files_are_one_clear_line(tmp_path, run_main):
+    """Each broken Hugging Face folder: sample.py stops with one line naming the file and the fault."""
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good"
+    save_atomic(tiny_model().checkpoint(), str(tmp_path / "tiny.pt"))
+    assert run_main("download_weights.py", "--export-hf", tmp_path / "tiny.pt", good).returncode == 0
+    tensors = load_file(good / "model.safetensors")
+
+    def broken(name, config=None, tensors_=None, data=None):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        if config:
+            (folder / "config.json").write_text(json.dumps({**json.loads((good / "config.json").read_text()), **config}))
+        if tensors_ is not None:
+            save_file(tensors_, folder / "model.safetensors")
+        if data is not None:
+            (folder / "model.safetensors").write_bytes(data)
+        return one_line_error(run_main("sample.py", "--model", folder, "--max-new-tokens", 1)), folder / "model.safetensors"
+
+    whole = (good / "model.safetensors").read_bytes()
+    line, path = broken("cut", data=whole[:len(whole) // 2])
+    assert f"{path} has {len(whole) // 2:,} bytes, but its index lists {len(whole):,}: the file is incomplete" in line
+    line, path = broken("junk", data=os.urandom(5000))
+    assert f"{path} is not a safetensors file" in line
+    line, _ = broken("llama", config={"model_type": "llama"})
+    assert "config.json has model_type 'llama'; gpt2.py computes GPT-2 with 'gpt2'" in line
+    line, _ = broken("relu", config={"activation_function": "relu"})
+    assert "config.json has activation_function 'relu'" in line
+    line, path = broken("missing", tensors_={k: v for k, v in tensors.items() if k != "transformer.h.1.mlp.c_fc.bias"})
+    assert f"{path} does not match a GPT-2 of this size: missing ['h.1.mlp.c_fc.bias'], unexpected []" in line
+    line, path = broken("shape", tensors_={**tensors, "transformer.h.0.attn.c_attn.weight": torch.zeros(96, 32)})
+    assert f"h.0.attn.c_attn.weight in {path} has shape [96, 32], expected [32, 96]" in line  # transposed: (in, out)
+    line, _ = broken("wider", config={"n_embd": 64})
+    assert "has shape" in line
+    line, _ = broken("noconfig", config={"n_positions": None, "n_layer": "two"})
+    assert "config.json is not GPT-2's config.json" in line
 
 
 # -----------------------------------------------------------------------------
@@ -1820,7 +1972,10 @@ BENCH_ROWS = [  # (start of the row's label, whether transformers' figure and th
     ("generation, greedy, batch 8", True), ("generation, greedy, batch 16", True),
     ("generation, greedy, 8 prompts of 2 to 16 tokens in one batch, + 4 each", True), ("the same 8 prompts", False),
     ("prefill, 32 tokens", True),
-    ("loading", True), ("loading, peak RSS of the whole process", True), ("loading, peak RSS over the process", True),
+    ("loading 14 MB of weights, ours from OpenAI's TF checkpoint", True),
+    ("loading, ours from OpenAI's TF checkpoint: peak RSS of", True), ("loading, ours from OpenAI's TF checkpoint: peak RSS over", True),
+    ("loading 14 MB of weights, ours from safetensors", True),
+    ("loading, ours from safetensors: peak RSS of", True), ("loading, ours from safetensors: peak RSS over", True),
     ("training step 2 x 16, peak RSS", True), ("greedy generation, peak RSS", True),
 ]
 
@@ -1846,9 +2001,10 @@ def test_bench_prints_every_row(tmp_path):
     # The OpenAI checkpoint it wrote (and keeps in the temp folder) holds the very weights it benchmarked.
     (folder,) = tmp_path.glob("gpt2-bench-2x4x64-seed0")
     ours, _ = bench.make_models(2, 4, 64, seed=0)
-    loaded = GPT.from_pretrained(str(folder / "openai"))
-    for name, p in ours.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], p), name
+    for kind in ("openai", "converted"):  # and so does its conversion to safetensors
+        loaded = GPT.from_pretrained(str(folder / kind))
+        for name, p in ours.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], p), (kind, name)
 
 
 def test_bench_models_compute_the_same():
