@@ -84,7 +84,7 @@ def check_out_files(paths, overwrite, resume_hint=""):
 def add_model_args(parser, init_from):
     """--init-from and the size flags init_model takes, the same in every script that trains."""
     parser.add_argument("--init-from", default=init_from, help="scratch, a GPT-2 size (gpt2, gpt2-medium, 124M, ...: "
-                        "see download_weights.py), an OpenAI model folder or a .pt checkpoint")
+                        "see download_weights.py), a model folder (OpenAI's or Hugging Face's) or a .pt checkpoint")
     for flag, what in (("--n-layer", "number of blocks"), ("--n-head", "attention heads"), ("--n-embd", "width")):
         parser.add_argument(flag, type=number(int, 1), help=f"with --init-from scratch: {what}; None: 124M's")
 

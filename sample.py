@@ -4,8 +4,8 @@
     python sample.py --model gpt2-medium --temperature 0.7 --top-p 0.9 --num-samples 3
     python sample.py --model out/instruct.pt --instruction "Rewrite the sentence in passive voice." --input "The chef cooked the meal."
 
---model is a size name (its weights from download_weights.py), an OpenAI model folder or a
-checkpoint written by this project's scripts. A prompt longer than the model's context
+--model is a size name (its weights from download_weights.py), a model folder (OpenAI's, or
+a Hugging Face GPT-2 folder) or a checkpoint written by this project's scripts. A prompt longer than the model's context
 window is an error; the generated text itself may run past it (the window then slides).
 """
 
