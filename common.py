@@ -12,9 +12,10 @@ import time
 from dataclasses import asdict, replace
 from glob import glob
 
+import tiktoken
 import torch
 
-from gpt2 import GPT, GPTConfig, Tokenizer, openai_tokenizer, size_name
+from gpt2 import GPT, GPTConfig, Tokenizer, size_name
 
 MODELS_DIR = "models"  # download_weights.py puts OpenAI's checkpoints in models/<size>/
 
@@ -180,6 +181,34 @@ def quiet_stderr():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+# OpenAI's tokenizer files: the same encoding as tiktoken's, built from the
+# encoder.json that OpenAI ships beside the weights (no download needed).
+
+# GPT-2's pre-tokenizer: text is cut into words, numbers, punctuation runs and spaces before BPE
+# (OpenAI's encoder.py pattern, in the equivalent possessive form tiktoken uses).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def openai_tokenizer(folder):
+    """A Tokenizer from folder/encoder.json (token -> id)."""
+    path = os.path.join(folder, "encoder.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: GPT-2's tokenizer is read from a model folder's encoder.json")
+    with open(path, encoding="utf-8") as f:
+        encoder = json.load(f)
+    # encoder.json spells each byte as a printable character: bytes '!'..'~', '¡'..'¬' and '®'..'ÿ'
+    # as themselves, the other 68 (space, control bytes, ...) as chr(256), chr(257), ... in byte order.
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    byte_of = {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+    # OpenAI numbered the 256 bytes first, then each merge in the order it was learned (vocab.bpe's
+    # lines), so a token's id is also its merge rank: lower merges first, which is all BPE needs.
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in encoder.items() if token != "<|endoftext|>"}
+    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": encoder["<|endoftext|>"]})
+    return Tokenizer(enc)
 
 
 def load_tokenizer(spec=None):

@@ -30,12 +30,12 @@ import common
 import download_weights
 import explore
 import finetune_spam as fs
-from common import UserError, configure_optimizer, download, save_atomic
+from common import UserError, configure_optimizer, download, openai_tokenizer, save_atomic
 from finetune_instruct import (
     IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, load_entries, merge_lora, split,
 )
 from common import format_prompt
-from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, openai_tokenizer, size_name
+from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, size_name
 from train import load_tokens
 
 ROOT = Path(__file__).resolve().parent  # the project
