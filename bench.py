@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import torch
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import add_device_arg, argument_parser, configure_optimizer, pick_device, run
@@ -230,6 +231,15 @@ def read_bandwidth(args):
     return big.numel() * 4 / seconds
 
 
+def matvec_bandwidth(args):
+    """Bytes/s of one token through a 1 GiB nn.Linear weight, (out, in) as gpt2.py keeps them, and
+    through the same weight stored (in, out): how fast the kernels batch-1 generation calls read."""
+    w = torch.randn(2**18, 2**10, device=args.device)  # (out, in)
+    wt, x = w.t().contiguous(), torch.randn(1, 2**10, device=args.device)  # (in, out)
+    t = timed({"out, in": lambda: F.linear(x, w), "in, out": lambda: x @ wt}, args, "matrix-vector product")
+    return {layout: w.numel() * 4 / seconds for layout, seconds in t.items()}
+
+
 # -----------------------------------------------------------------------------
 # The checkpoints that the loading rows read.
 
@@ -282,6 +292,14 @@ def checkpoints(ours, theirs, args):
 # -----------------------------------------------------------------------------
 
 
+def print_table(args, n_params, rows):
+    print(f"GPT-2 {args.n_layer} layers x {args.n_embd} ({n_params / 1e6:.1f}M parameters), random weights, {args.device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
+    print("\n| measurement | gpt2.py | transformers | gpt2.py / transformers |\n| --- | ---: | ---: | ---: |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def main():
     p = argument_parser(__doc__)
     p.add_argument("--n-layer", type=int, default=12, help="model size (the defaults are GPT-2 124M)")
@@ -291,6 +309,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
     p.add_argument("--prompt-len", type=int, default=32, help="generation prompt, batch 1")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
+    p.add_argument("--generation-only", action="store_true", help="the machine's rows and batch-1 generation, nothing "
+                   "else (e.g. for the 355M shape: --n-layer 24 --n-head 16 --n-embd 1024)")
     p.add_argument("--batch-new-tokens", type=int, default=64, help="tokens generated per row in the batch rows")
     p.add_argument("--top-k", type=int, default=50, help="k of the top-k sampling row")
     p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill row")
@@ -313,8 +333,9 @@ def main():
     # The machine.
     peak, mm_dtype = matmul_peak(args)
     bandwidth = read_bandwidth(args)
+    matvec = matvec_bandwidth(args)
     ours, theirs = make_models(args.n_layer, args.n_head, args.n_embd, args.seed)
-    folders = checkpoints(ours, theirs, args)  # before training changes the weights
+    folders = None if args.generation_only else checkpoints(ours, theirs, args)  # before training changes the weights
     ours, theirs = ours.to(dev), theirs.to(dev)
     n_params = sum(p.numel() for p in ours.parameters())  # wte counted once: it is also lm_head
     # Each new token reads every weight but wpe (one row of it) once: the bound batch-1 generation can't beat.
@@ -322,6 +343,8 @@ def main():
     bound = bandwidth / bytes_per_token
     row(f"{str(mm_dtype).removeprefix('torch.')} matmul peak ({dev}), GFLOP/s", f"{peak / 1e9:.0f}")
     row("memory read bandwidth, GB/s", f"{bandwidth / 1e9:.1f}")
+    row("matrix-vector product, 1 GiB weight (out, in) as nn.Linear's, GB/s", f"{matvec['out, in'] / 1e9:.1f}")
+    row("matrix-vector product, the same weight stored (in, out), GB/s", f"{matvec['in, out'] / 1e9:.1f}")
     row(f"generation bound: bandwidth / {bytes_per_token / MB:.0f} MB of weights, tokens/s", f"{bound:.1f}")
 
     # Both must compute the same function, or the comparison means nothing.
@@ -332,33 +355,36 @@ def main():
         raise RuntimeError(f"the two models disagree (max logit difference {diff:.2g}): the weights did not map over")
 
     # 1. Training.
-    ours.train(), theirs.train()
-    opts = {m: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for m in (ours, theirs)}
-    data = torch.randint(0, ours.config.vocab_size, (args.batch_size, args.seq_len + 1), device=dev)
-    t = timed({m: (lambda m=m: train_step(m, opts[m], data, autocast)) for m in (ours, theirs)}, args, "training")
-    del opts
-    ours.eval(), theirs.eval()
-    tokens = args.batch_size * args.seq_len
     c = ours.config
-    # nanoGPT's count: 6 FLOPs per weight per token (forward 2, backward 4), plus attention's T x T matmuls
-    flops = 6 * (n_params - ours.transformer.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * args.seq_len
-    a, b = tokens / t[ours], tokens / t[theirs]
-    row(f"training step (fwd + bwd + AdamW), {args.batch_size} x {args.seq_len}, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
-    row("training, GFLOP/s (share of matmul peak)", f"{a * flops / 1e9:.1f} ({a * flops / peak:.0%})",
-        f"{b * flops / 1e9:.1f} ({b * flops / peak:.0%})", a / b)
+    if not args.generation_only:
+        ours.train(), theirs.train()
+        opts = {m: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for m in (ours, theirs)}
+        data = torch.randint(0, ours.config.vocab_size, (args.batch_size, args.seq_len + 1), device=dev)
+        t = timed({m: (lambda m=m: train_step(m, opts[m], data, autocast)) for m in (ours, theirs)}, args, "training")
+        del opts
+        ours.eval(), theirs.eval()
+        tokens = args.batch_size * args.seq_len
+        # nanoGPT's count: 6 FLOPs per weight per token (forward 2, backward 4), plus attention's T x T matmuls
+        flops = 6 * (n_params - ours.transformer.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * args.seq_len
+        a, b = tokens / t[ours], tokens / t[theirs]
+        row(f"training step (fwd + bwd + AdamW), {args.batch_size} x {args.seq_len}, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
+        row("training, GFLOP/s (share of matmul peak)", f"{a * flops / 1e9:.1f} ({a * flops / peak:.0%})",
+            f"{b * flops / 1e9:.1f} ({b * flops / peak:.0%})", a / b)
 
     # 2. Generation, batch 1.
     idx = torch.randint(0, c.vocab_size, (1, args.prompt_len), device=dev)
     n = args.new_tokens
     greedy = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, theirs)}, args, "greedy")
     topk = timed({m: (lambda m=m: generate(m, idx, n, args.top_k, autocast)) for m in (ours, theirs)}, args, "top-k")
-    slow = argparse.Namespace(**{**vars(args), "warmup": 0})  # warm already, and each run is long
-    nocache = timed({ours: lambda: generate_without_cache(ours, idx, n, autocast)}, slow, "no KV cache")[ours]
     a, b = n / greedy[ours], n / greedy[theirs]
     row(f"generation, greedy, {args.prompt_len} + {n} tokens, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
     row("generation, greedy, share of the bandwidth bound", f"{a / bound:.0%}", f"{b / bound:.0%}", a / b)
     row(f"generation, top-k {args.top_k}, tokens/s", f"{n / topk[ours]:.1f}", f"{n / topk[theirs]:.1f}",
         topk[theirs] / topk[ours])
+    if args.generation_only:
+        return print_table(args, n_params, rows)
+    slow = argparse.Namespace(**{**vars(args), "warmup": 0})  # warm already, and each run is long
+    nocache = timed({ours: lambda: generate_without_cache(ours, idx, n, autocast)}, slow, "no KV cache")[ours]
     row("generation, greedy, no KV cache (nanoGPT's loop), tokens/s", f"{n / nocache:.1f}")
     row("KV cache speed-up, greedy", f"{nocache / greedy[ours]:.1f}x")
 
@@ -414,12 +440,7 @@ def main():
         row(f"{what}, peak {kind} over the model's own, MB", f"{grow['ours'] / MB:.0f}",
             f"{grow['theirs'] / MB:.0f}", grow["ours"] / grow["theirs"])
 
-    print(f"GPT-2 {args.n_layer} layers x {args.n_embd} ({n_params / 1e6:.1f}M parameters), random weights, {dev}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
-    print("\n| measurement | gpt2.py | transformers | gpt2.py / transformers |\n| --- | ---: | ---: | ---: |")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-
+    print_table(args, n_params, rows)
 
 if __name__ == "__main__":
     run(main)

@@ -1964,7 +1964,8 @@ def test_plot_of_single_points_is_not_blank(tmp_path):
 BENCH_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--batch-size", "2", "--seq-len", "16",
               "--prompt-len", "8", "--new-tokens", "12", "--batch-new-tokens", "4", "--prefill", "32", "--reps", "1", "--warmup", "0"]
 BENCH_ROWS = [  # (start of the row's label, whether transformers' figure and the ratio are shown)
-    ("float32 matmul peak", False), ("memory read bandwidth", False), ("generation bound", False),
+    ("float32 matmul peak", False), ("memory read bandwidth", False), ("matrix-vector product, 1 GiB weight (out, in)", False),
+    ("matrix-vector product, the same weight stored (in, out)", False), ("generation bound", False),
     ("training step", True), ("training, GFLOP/s", True),
     ("generation, greedy, 8 + 12 tokens", True), ("generation, greedy, share of the bandwidth bound", True),
     ("generation, top-k 50", True), ("generation, greedy, no KV cache", False), ("KV cache speed-up", False),
@@ -2005,6 +2006,15 @@ def test_bench_prints_every_row(tmp_path):
         loaded = GPT.from_pretrained(str(folder / kind))
         for name, p in ours.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], p), (kind, name)
+
+
+def test_bench_generation_only_stops_after_batch_1(tmp_path):
+    out = bench_run([*BENCH_TINY, "--generation-only"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    labels = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")][2:]
+    expected = [label for label, _ in BENCH_ROWS[:BENCH_ROWS.index(("generation, top-k 50", True)) + 1] if "training" not in label]
+    assert len(labels) == len(expected) and all(l.startswith(e) for l, e in zip(labels, expected)), labels
+    assert not list(tmp_path.glob("gpt2-bench-*"))  # no checkpoints written for the loading rows
 
 
 def test_bench_models_compute_the_same():
