@@ -3,7 +3,7 @@
 ceiling, and the peak memory of training on that corpus, beside training on one copy of the text.
 
     python bench_data.py --text ../shared/data/tinyshakespeare.txt            # a 300 MB folder, deleted after
-    python bench_data.py --text tinyshakespeare.txt --mb 96 --file-mb 3 --workers 2 4 8 16 --repeat 1
+    python bench_data.py --text tinyshakespeare.txt --mb 96 --file-mb 3 --workers 1 2 4 8 16   # as on 16 cores
 
 The corpus is --text repeated into files of about --file-mb each, in a temporary folder. Each
 repeat measures, back to back: one tiktoken thread on the whole files; the ceiling, as many
