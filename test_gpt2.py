@@ -1111,7 +1111,7 @@ def test_data_pieces_and_shards_hold_each_document_s_exact_tokens(tmp_path, monk
     monkeypatch.setattr(train, "SHARD_TOKENS", 10_000)
     paths = data_documents(tmp_path / "docs")
     assert all(len(list(train.read_pieces([p]))) > 50 for p in paths if p.stat().st_size > 10_000)
-    tokens = load_tokens(str(tmp_path / "docs"), Tokenizer())
+    tokens = load_tokens(str(tmp_path / "docs"), Tokenizer(), workers=3)  # through 3 worker processes
     expected = data_expected(paths)
     assert len(tokens) == len(expected) and tokens[:].tolist() == expected
     assert tokens[9_990:10_020].tolist() == expected[9_990:10_020]  # across a shard boundary
@@ -1125,7 +1125,7 @@ def test_data_pieces_and_shards_hold_each_document_s_exact_tokens(tmp_path, monk
     assert np.concatenate([np.memmap(s, dtype=np.uint16, mode="r") for s in shards]).tolist() == expected
 
 
-class CountingTokenizer(Tokenizer):
+class CountingTokenizer(Tokenizer):  # counts only in this process: workers=1
     def __init__(self):
         super().__init__()
         self.texts = []
@@ -1143,19 +1143,19 @@ def test_data_manifest_notices_changed_and_added_files_and_keeps_the_rest(tmp_pa
     paths = data_documents(folder)
     load_tokens(str(folder), Tokenizer())
     tok = CountingTokenizer()
-    assert load_tokens(str(folder), tok)[:].tolist() == data_expected(paths) and tok.texts == []  # nothing changed
+    assert load_tokens(str(folder), tok, workers=1)[:].tolist() == data_expected(paths) and tok.texts == []  # nothing changed
 
     paths[2].write_text(paths[2].read_text(encoding="utf-8")[:-1] + "!", encoding="utf-8")  # same size, new content
     os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))  # as an editor leaves it, even on coarse clocks
     tok = CountingTokenizer()
-    assert load_tokens(str(folder), tok)[:].tolist() == data_expected(paths)
+    assert load_tokens(str(folder), tok, workers=1)[:].tolist() == data_expected(paths)
     tokenized = "".join(tok.texts)
     assert tokenized == paths[2].read_text(encoding="utf-8") + paths[3].read_text(encoding="utf-8")  # from the changed file on
 
     (folder / "z-added.txt").write_text("A new document.", encoding="utf-8")
     paths.append(folder / "z-added.txt")  # sorts last: only it is tokenized
     tok = CountingTokenizer()
-    assert load_tokens(str(folder), tok)[:].tolist() == data_expected(paths) and tok.texts == ["A new document."]
+    assert load_tokens(str(folder), tok, workers=1)[:].tolist() == data_expected(paths) and tok.texts == ["A new document."]
 
     paths.pop(0).unlink()  # a removed file: everything after it again, no stale shard left
     tokens = load_tokens(str(folder), Tokenizer())

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from glob import glob
 
 import numpy as np
@@ -37,7 +37,8 @@ from gpt2 import GPT, GPTConfig
 
 DEFAULT_DATA = "data/the-verdict.txt"
 VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
-CHUNK_CHARS = 1 << 20  # characters read and encoded at a time: preparation holds a few chunks per core
+CHUNK_CHARS = 1 << 20  # characters read and encoded at a time: preparation holds a few chunks per worker
+WORKERS = os.cpu_count() or 1  # processes that tokenize
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB of uint16), as build-nanogpt's FineWeb shards
 TRAIN_FRACTION = 0.9  # of the tokens; the rest is the validation set
 PROMPT = "Every effort moves you"  # the book's fixed prompt for the samples printed at each evaluation
@@ -92,13 +93,34 @@ def read_pieces(files):
             raise UserError(f"{f} is not UTF-8 text ({e.reason}): convert it to UTF-8") from None
 
 
-def encode_in_order(encode, pieces, workers):
-    """(tag, encode(text)) for each (tag, text) of pieces, in order, by `workers` threads (tiktoken
-    lets go of the GIL while it encodes); at most 2 x workers pieces are read ahead."""
-    with ThreadPoolExecutor(workers) as pool:
+worker_tokenizer = None  # in a worker process: the tokenizer it encodes with
+
+
+def start_worker(tokenizer):
+    global worker_tokenizer
+    worker_tokenizer = tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which then ends the workers
+
+
+def encode_piece(text, tokenizer=None):
+    """text -> (its ids as uint16, its size in bytes), with tokenizer or else the worker's."""
+    ids = (tokenizer or worker_tokenizer).encode(text)
+    return np.array(ids, dtype=np.uint16), len(text.encode())  # 16 bits hold GPT-2's 50,257 ids
+
+
+def encode_in_order(tokenizer, pieces, workers):
+    """(tag, encode_piece(text)) for each (tag, text) of pieces, in order. With workers > 1 that many
+    processes encode, each a piece at a time, and at most 2 x workers pieces are read ahead (threads,
+    though tiktoken lets go of the GIL, scaled half as well: 16 reached 4x one, 16 processes 9x);
+    with 1, this process encodes."""
+    if workers == 1:
+        for tag, text in pieces:
+            yield tag, encode_piece(text, tokenizer)
+        return
+    with ProcessPoolExecutor(workers, initializer=start_worker, initargs=(tokenizer,)) as pool:
         pending = deque()
         for tag, text in pieces:
-            pending.append((tag, pool.submit(encode, text)))
+            pending.append((tag, pool.submit(encode_piece, text)))
             if len(pending) > 2 * workers:
                 tag, future = pending.popleft()
                 yield tag, future.result()
@@ -160,7 +182,7 @@ def unchanged_files(manifest, sources):
     return n
 
 
-def prepare(files, sources, cache, old, keep, tokenizer):
+def prepare(files, sources, cache, old, keep, tokenizer, workers):
     """Tokenize files[keep:] into the cache's shards after the tokens of files[:keep] (recorded in the old
     manifest), then write the manifest -> the manifest."""
     counts = [f["tokens"] for f in old["files"][:keep]] if keep else []  # each file's tokens
@@ -178,14 +200,12 @@ def prepare(files, sources, cache, old, keep, tokenizer):
     except OSError as e:
         raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder you can write") from None
 
-    def encode(text):
-        return np.array(tokenizer.encode(text), dtype=np.uint16), len(text.encode())  # 16 bits hold GPT-2's 50,257 ids
-
     counts += [0] * (len(files) - keep)
     writer, eot = ShardWriter(cache, sizes), np.array([tokenizer.eot_id], dtype=np.uint16)
     t0, total = time.time(), sum(f["bytes"] for f in sources["files"][keep:])
+    workers = min(workers, 1 + total // CHUNK_CHARS)  # no more than there are pieces: one file of 20 kB needs none
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", delay=1) as bar:
-        for (n, last), (ids, size) in encode_in_order(encode, read_pieces(files[keep:]), os.cpu_count() or 1):
+        for (n, last), (ids, size) in encode_in_order(tokenizer, read_pieces(files[keep:]), workers):
             writer.write(ids)
             counts[keep + n] += len(ids)
             if last and sources["separator"]:
@@ -199,11 +219,11 @@ def prepare(files, sources, cache, old, keep, tokenizer):
     write_json(manifest, os.path.join(cache, "manifest.json"))
     dt, new = time.time() - t0, sum(counts) - kept
     print(f"tokenized {len(files) - keep} of {len(files)} file(s), {total / 1e6:,.1f} MB, into {new:,} tokens in {dt:.1f} s "
-          f"({new / max(dt, 1e-9):,.0f} tokens/s): {cache}")
+          f"({new / max(dt, 1e-9):,.0f} tokens/s, {workers} worker(s)): {cache}")
     return manifest
 
 
-def load_tokens(path, tokenizer):
+def load_tokens(path, tokenizer, workers=WORKERS):
     """All of path's text as GPT-2 token ids (Tokens: read lazily), each document of a folder followed
     by <|endoftext|>. They are cached in <path>.tokens/: shards of uint16 and manifest.json, which
     records each file's size and modification time, so that changed or added files are tokenized again."""
@@ -219,17 +239,17 @@ def load_tokens(path, tokenizer):
         manifest = None
     keep = unchanged_files(manifest, sources)
     if keep < len(files) or len(manifest["files"]) != len(files):
-        manifest = prepare(files, sources, cache, manifest, keep, tokenizer)
+        manifest = prepare(files, sources, cache, manifest, keep, tokenizer, workers)
     return Tokens(cache, manifest["shards"])
 
 
-def load_data(path, tokenizer):
+def load_data(path, tokenizer, workers):
     if path == DEFAULT_DATA and not os.path.exists(path):
         try:
             ensure_file(path, VERDICT_URL)
         except UserError as e:
             raise UserError(f"{e}, or pass --data FILE") from None
-    return load_tokens(path, tokenizer)
+    return load_tokens(path, tokenizer, workers)
 
 
 def window_starts(begin, end, context_length):
@@ -270,6 +290,8 @@ def parse_args():
                         "(the default is downloaded when missing)")
     parser.add_argument("--prepare-only", action="store_true", help="tokenize --data into its cache <data>.tokens/, "
                         "print the number of tokens and exit")
+    parser.add_argument("--workers", type=number(int, 1), default=WORKERS, help="processes that tokenize --data "
+                        "when its cache is missing or out of date: one per core; 1: no worker processes")
     parser.add_argument("--out-dir", default="out", help="where ckpt.pt (latest), best.pt (best validation loss) and loss.png go")
     add_overwrite_arg(parser, "--out-dir")
     add_model_args(parser, "scratch")
@@ -462,7 +484,7 @@ def main():
     tokenizer = load_tokenizer(args.init_from)
     if not master:
         dist.barrier()  # rank 0 downloads and tokenizes; the others then read its cache
-    tokens = load_data(args.data, tokenizer)
+    tokens = load_data(args.data, tokenizer, args.workers)
     if master and world > 1:
         dist.barrier()
     if args.prepare_only:
