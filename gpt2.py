@@ -382,7 +382,7 @@ class GPT(nn.Module):
         length of a JSON index {name: dtype, shape, data_offsets}, the index, then the tensors' bytes,
         which are read straight into the parameters: loading takes little memory beyond the model's."""
         model, path = cls.empty(cls.read_config(folder)), os.path.join(folder, "model.safetensors")
-        params = {k.removeprefix("transformer."): p for k, p in model.state_dict().items() if k != "lm_head.weight"}
+        params = {k.removeprefix("transformer."): p for k, p in model.named_parameters()}  # the tied lm_head is wte
         dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
         skip = ("__metadata__", ".attn.bias", ".attn.masked_bias", "lm_head.weight")  # old files' masks; the tied head
         with open(path, "rb") as f:
@@ -398,11 +398,12 @@ class GPT(nn.Module):
             cls.check_weights(path, {k: shape for k, (_, shape, _) in found.items()}, expected, path, need)
             for name, p in params.items():
                 dtype, shape, offset = found[name]
-                f.seek(start + offset)  # a buffer only where the bytes need rearranging: (in, out), or not float32
-                buf = torch.empty(shape, dtype=dtype) if name.endswith(cls.CONV1D) or dtype != p.dtype else p
+                f.seek(start + offset)
+                buf = torch.empty(shape, dtype=dtype) if name.endswith(cls.CONV1D) or dtype != p.dtype else p.data
                 f.readinto(buf.view(torch.uint8).numpy())
-                if buf is not p:
-                    p.copy_(buf.t() if name.endswith(cls.CONV1D) else buf)
+                if name.endswith(cls.CONV1D):  # keep their (in, out) bytes: .t() is the (out, in) view nn.Linear
+                    buf = buf.t()  # reads (no copy, and the faster layout for one token at a time, see bench.py)
+                p.data = buf.to(p.dtype)  # (a no-op for float32)
         return model.eval()
 
     @staticmethod

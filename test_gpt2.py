@@ -741,7 +741,8 @@ def test_hf_transformers_folders_load_with_the_same_logits(tmp_path):
     hf.save_pretrained(tmp_path / "f32")
     ours = GPT.from_pretrained(str(tmp_path / "f32"))
     assert not ours.training and ours.config == GPTConfig(vocab_size=100, n_ctx=48, n_embd=64, n_head=4, n_layer=2)
-    assert all(p.is_contiguous() for p in ours.parameters())
+    for name, p in ours.named_parameters():  # the four block matrices keep the file's (in, out) bytes, seen through .t()
+        assert (p.t() if name.endswith(GPT.CONV1D) else p).is_contiguous(), name
     hf_logits_equal(ours, hf, 100)
 
     hf.half().save_pretrained(tmp_path / "f16")
