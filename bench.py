@@ -11,9 +11,9 @@ bandwidth that bounds batch-1 generation, where every weight is read once per ne
 """
 
 import argparse
+import copy
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,13 +24,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import add_device_arg, argument_parser, configure_optimizer, pick_device, run
+from common import add_device_arg, argument_parser, configure_optimizer, pick_device, run, save_atomic, train_layout
 from download_weights import write_hf
-from gpt2 import GPT, GPTConfig
+from gpt2 import GPT, GPTConfig, load_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# transformers keeps these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in)
-TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MB = 1e6
 
 
@@ -39,17 +37,19 @@ MB = 1e6
 
 
 def make_models(n_layer, n_head, n_embd, seed):
-    """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel)."""
+    """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel). Ours is
+    laid out as from_pretrained leaves any file (load_weights), as a user who loads weights has it."""
     from transformers import GPT2Config, GPT2LMHeadModel  # imported late: gpt2.py's loading row must not carry it
 
     torch.manual_seed(seed)
-    ours = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
+    fresh = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    ours = load_weights(GPT.empty(fresh.config), fresh.state_dict(), "random weights").eval()
     c = ours.config
     theirs = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     ))
-    theirs.load_state_dict({k: v.t() if k.endswith(TRANSPOSED) else v for k, v in ours.state_dict().items()})
+    theirs.load_state_dict({k: v.t() if k.endswith(GPT.CONV1D) else v for k, v in ours.state_dict().items()})
     return ours, theirs.eval()
 
 
@@ -175,23 +175,22 @@ def phase_peak(which, phase, args_dict):
     return before, memory_now_and_peak(args.device)[1]
 
 
-def load_peak(which, folder):
-    """Run in a fresh process: load folder and read each weight once -> (seconds, RSS before, peak RSS) in bytes."""
-    # Import first what loading needs (TensorFlow reads OpenAI's files): libraries are not the loader's memory.
-    tensorflow = which == "ours" and not os.path.isfile(os.path.join(folder, "model.safetensors"))
-    if tensorflow:
-        import tensorflow  # noqa: F401
-    elif which == "theirs":
-        from transformers import GPT2LMHeadModel
+def load_peak(which, path):
+    """Run in a fresh process: load path and read each weight once -> (seconds, RSS before, peak RSS) in bytes.
+    which: "theirs" (transformers), "ours", or "ours, first" (torch._dynamo not imported yet: see GPT.empty)."""
+    if which == "theirs":
+        from transformers import GPT2LMHeadModel  # (its import also imports torch._dynamo)
+    elif which == "ours":
+        import torch._dynamo as dynamo  # noqa: F401  what transformers' import brings; GPT.empty's first use needs it
     before = rss()
     reset_peak("cpu")
     t0 = time.perf_counter()
-    model = GPT.from_pretrained(folder) if which == "ours" else GPT2LMHeadModel.from_pretrained(folder)
+    model = GPT2LMHeadModel.from_pretrained(path) if which == "theirs" else GPT.from_pretrained(path)
     with torch.no_grad():
-        sum(p.sum() for p in model.parameters())  # read every weight: transformers maps the file lazily
+        sum(p.sum() for p in model.parameters())  # read every weight: both map the file lazily
     seconds = time.perf_counter() - t0
-    if not tensorflow and "tensorflow" in sys.modules:
-        raise RuntimeError(f"loading {folder} imported TensorFlow")
+    if "tensorflow" in sys.modules:
+        raise RuntimeError(f"loading {path} imported TensorFlow")
     return seconds, before, rss("VmHWM")
 
 
@@ -241,52 +240,21 @@ def matvec_bandwidth(args):
 
 
 # -----------------------------------------------------------------------------
-# The checkpoints that the loading rows read.
+# The files that the loading rows read.
 
 
-def openai_arrays(model):
-    """(OpenAI's variable name, array) for each weight, in the shapes OpenAI's TensorFlow checkpoint has."""
-    for name, p in model.state_dict().items():
-        if name == "lm_head.weight":  # tied to wte
-            continue
-        tf_name = GPT.openai_name(name)
-        array = p.numpy()
-        yield tf_name, array.T[None] if tf_name.endswith("/w") else array  # (out, in) -> OpenAI's (1, in, out)
-
-
-def write_openai_checkpoint(model, folder):
-    """model's weights as an OpenAI release folder: hparams.json and model.ckpt.{index,data-*}."""
-    import tensorflow as tf
-
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    names, arrays = zip(*openai_arrays(model))
-    tf.raw_ops.SaveV2(prefix=os.path.join(tmp, "model.ckpt"), tensor_names=list(names),
-                      shape_and_slices=[""] * len(names), tensors=[tf.constant(a) for a in arrays])
-    c = model.config
-    with open(os.path.join(tmp, "hparams.json"), "w") as f:
-        json.dump({"n_vocab": c.vocab_size, "n_ctx": c.n_ctx, "n_embd": c.n_embd, "n_head": c.n_head,
-                   "n_layer": c.n_layer}, f, indent=2)
-    os.replace(tmp, folder)
-
-
-def checkpoints(ours, theirs, args):
-    """The same weights as OpenAI's TF checkpoint, as download_weights.py converts it to safetensors,
-    and as transformers' save_pretrained writes them, each written once into the temp folder and
-    kept for later runs -> {"openai": folder, "converted": folder, "transformers": folder}."""
+def checkpoints(ours, args):
+    """The same weights as a Hugging Face folder (as download_weights.py converts OpenAI's checkpoint:
+    transformers loads it too) and as a .pt of ours, written once into the temp folder and kept for
+    later runs -> {"hf": folder, "pt": file}."""
     root = os.path.join(tempfile.gettempdir(), f"gpt2-bench-{args.n_layer}x{args.n_head}x{args.n_embd}-seed{args.seed}")
-    folders = {name: os.path.join(root, name) for name in ("openai", "converted", "transformers")}
-    if not os.path.isdir(folders["openai"]):
-        print(f"writing {folders['openai']}", file=sys.stderr)
-        write_openai_checkpoint(ours, folders["openai"])
-    if not os.path.isdir(folders["converted"]):
-        write_hf(GPT.from_pretrained(folders["openai"]), folders["converted"] + ".tmp")  # as download_weights.py does
-        os.replace(folders["converted"] + ".tmp", folders["converted"])
-    if not os.path.isdir(folders["transformers"]):
-        theirs.save_pretrained(folders["transformers"] + ".tmp")
-        os.replace(folders["transformers"] + ".tmp", folders["transformers"])
-    return folders
+    paths = {"hf": os.path.join(root, "hf"), "pt": os.path.join(root, "model.pt")}
+    if not os.path.isdir(paths["hf"]):
+        write_hf(ours, paths["hf"] + ".tmp")
+        os.replace(paths["hf"] + ".tmp", paths["hf"])
+    if not os.path.isfile(paths["pt"]):
+        save_atomic(ours.checkpoint(), paths["pt"])
+    return paths
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +303,7 @@ def main():
     bandwidth = read_bandwidth(args)
     matvec = matvec_bandwidth(args)
     ours, theirs = make_models(args.n_layer, args.n_head, args.n_embd, args.seed)
-    folders = None if args.generation_only else checkpoints(ours, theirs, args)  # before training changes the weights
+    files = None if args.generation_only else checkpoints(ours, args)  # before training changes the weights
     ours, theirs = ours.to(dev), theirs.to(dev)
     n_params = sum(p.numel() for p in ours.parameters())  # wte counted once: it is also lm_head
     # Each new token reads every weight but wpe (one row of it) once: the bound batch-1 generation can't beat.
@@ -357,12 +325,14 @@ def main():
     # 1. Training.
     c = ours.config
     if not args.generation_only:
-        ours.train(), theirs.train()
-        opts = {m: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for m in (ours, theirs)}
+        trained = train_layout(copy.deepcopy(ours)).train()  # as the training scripts lay it out
+        theirs.train()
+        opts = {m: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for m in (trained, theirs)}
         data = torch.randint(0, ours.config.vocab_size, (args.batch_size, args.seq_len + 1), device=dev)
-        t = timed({m: (lambda m=m: train_step(m, opts[m], data, autocast)) for m in (ours, theirs)}, args, "training")
-        del opts
-        ours.eval(), theirs.eval()
+        t = timed({m: (lambda m=m: train_step(m, opts[m], data, autocast)) for m in (trained, theirs)}, args, "training")
+        t[ours] = t[trained]
+        del opts, trained
+        theirs.eval()
         tokens = args.batch_size * args.seq_len
         # nanoGPT's count: 6 FLOPs per weight per token (forward 2, backward 4), plus attention's T x T matmuls
         flops = 6 * (n_params - ours.transformer.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * args.seq_len
@@ -379,6 +349,11 @@ def main():
     a, b = n / greedy[ours], n / greedy[theirs]
     row(f"generation, greedy, {args.prompt_len} + {n} tokens, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
     row("generation, greedy, share of the bandwidth bound", f"{a / bound:.0%}", f"{b / bound:.0%}", a / b)
+    contiguous = train_layout(copy.deepcopy(ours))  # the four block matrices (out, in), as nn.Linear makes them
+    t = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, contiguous)}, args, "layouts")
+    row("generation, greedy: ours as loaded (block matrices (in, out)) over them (out, in), speed-up",
+        f"{t[contiguous] / t[ours]:.2f}x")
+    del contiguous
     row(f"generation, top-k {args.top_k}, tokens/s", f"{n / topk[ours]:.1f}", f"{n / topk[theirs]:.1f}",
         topk[theirs] / topk[ours])
     if args.generation_only:
@@ -412,23 +387,23 @@ def main():
     row(f"prefill, {args.prefill} tokens, tokens/s", f"{args.prefill / t[ours]:.0f}",
         f"{args.prefill / t[theirs]:.0f}", t[theirs] / t[ours])
 
-    # 4. Loading, each in a fresh process: ours from OpenAI's TF checkpoint and from its conversion, theirs from theirs.
+    # 4. Loading, each in a fresh process: both from the same Hugging Face folder (download_weights.py's
+    # conversion), ours also from a .pt, and once without torch._dynamo imported before (GPT.empty's first use).
     del ours, theirs
     weights = 4 * n_params  # float32
-    loads = {name: [] for name in folders}
+    runs = {"theirs": ("theirs", files["hf"]), "ours": ("ours", files["hf"]), "pt": ("ours", files["pt"]),
+            "first": ("ours, first", files["hf"])}
+    loads = {name: [] for name in runs}
     for i in tqdm(range(args.reps), desc="loading", leave=False):
-        for name in list(folders) if i % 2 == 0 else list(folders)[::-1]:
-            which = "theirs" if name == "transformers" else "ours"
-            loads[name].append(in_fresh_process("load_peak", which, folders[name]))
-    sb, bb, pb = (statistics.median(v) for v in zip(*loads["transformers"]))
-    for name, source in (("openai", "OpenAI's TF checkpoint"), ("converted", "safetensors")):  # converted: download_weights.py's
-        sa, ba, pa = (statistics.median(v) for v in zip(*loads[name]))
-        row(f"loading {weights / MB:.0f} MB of weights, ours from {source}, theirs from safetensors, s",
-            f"{sa:.2f}", f"{sb:.2f}", sa / sb)
-        row(f"loading, ours from {source}: peak RSS of the whole process, MB", f"{pa / MB:.0f}", f"{pb / MB:.0f}", pa / pb)
-        row(f"loading, ours from {source}: peak RSS over the process before loading, MB (x weights)",
-            f"{(pa - ba) / MB:.0f} ({(pa - ba) / weights:.2f}x)", f"{(pb - bb) / MB:.0f} ({(pb - bb) / weights:.2f}x)",
-            (pa - ba) / (pb - bb))
+        for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+            loads[name].append(in_fresh_process("load_peak", *runs[name]))
+    (sa, ba, pa), (sb, bb, pb) = ([statistics.median(v) for v in zip(*loads[n])] for n in ("ours", "theirs"))
+    row(f"loading {weights / MB:.0f} MB of weights from the same Hugging Face folder, s", f"{sa:.2f}", f"{sb:.2f}", sa / sb)
+    row("loading, peak RSS over the process before loading, MB (x weights)", f"{(pa - ba) / MB:.0f} "
+        f"({(pa - ba) / weights:.2f}x)", f"{(pb - bb) / MB:.0f} ({(pb - bb) / weights:.2f}x)", (pa - ba) / (pb - bb))
+    row("loading, ours from a .pt of ours, s", f"{statistics.median(s for s, _, _ in loads['pt']):.2f}")
+    row("loading, ours in a process that has not imported torch._dynamo yet, s",
+        f"{statistics.median(s for s, _, _ in loads['first']):.2f}")
 
     # 5. Peak memory of training and generation, each in a fresh process.
     kind = "allocated" if dev == "cuda" else "RSS"

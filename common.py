@@ -15,9 +15,7 @@ from glob import glob
 import tiktoken
 import torch
 
-from gpt2 import GPT, GPTConfig, Tokenizer, size_name
-
-MODELS_DIR = "models"  # download_weights.py puts OpenAI's checkpoints in models/<size>/
+from gpt2 import MODELS_DIR, GPT, GPTConfig, Tokenizer, load_weights, size_name
 
 
 class UserError(Exception):
@@ -161,13 +159,9 @@ def model_path(spec):
 
 def load_model(spec):
     """A size name, a model folder (OpenAI's or Hugging Face's) or a .pt of ours -> GPT in eval mode."""
-    path = model_path(spec)
-    if not os.path.exists(path):
-        raise UserError(f"no weights in {path}: run  python download_weights.py --model {size_name(spec)}")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.safetensors")):
-        with quiet_stderr():  # OpenAI's TensorFlow files, read with TensorFlow: its start-up log is not for our users
-            import tensorflow  # noqa: F401
-    return GPT.from_pretrained(path)
+    model_path(spec)  # a clear line for a path that is not there
+    with quiet_stderr():  # TensorFlow, reading OpenAI's files, logs its start-up: not for our users
+        return GPT.from_pretrained(spec)
 
 
 @contextlib.contextmanager
@@ -247,11 +241,18 @@ def init_model(init_from, context_length=None, dropout=None, **size):
         return model
     if changes.get("n_ctx", 0) > model.config.n_ctx:
         raise UserError(f"--context-length {changes['n_ctx']} is longer than the model's {model.config.n_ctx}")
-    new = GPT.empty(replace(model.config, **changes))
     state = model.state_dict()
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: new.config.n_ctx]
-    new.load_state_dict(state)
-    return new
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: changes.get("n_ctx", model.config.n_ctx)]
+    return load_weights(GPT.empty(replace(model.config, **changes)), state, init_from)
+
+
+def train_layout(model):
+    """Every weight contiguous, as nn.Linear makes it: training computes the gradients (out, in), and a loaded
+    model's (in, out) matrices would cost a transposing copy at every step (bench.py's training rows)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.is_contiguous():
+            module.weight = torch.nn.Parameter(module.weight.detach().contiguous(), module.weight.requires_grad)
+    return model
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):

@@ -18,7 +18,7 @@ import shutil
 
 from common import (MODELS_DIR, add_overwrite_arg, argument_parser, check_out_files, download, load_model, model_path,
                     run, write_json)
-from gpt2 import GPT, size_name
+from gpt2 import GPT, HF_CONFIG, size_name
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
 FILES = ["checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -54,7 +54,7 @@ def write_hf(model, folder, tokenizer_from=None):
             shutil.copyfile(os.path.join(tokenizer_from, ours), os.path.join(folder, theirs) + ".tmp")
             os.replace(os.path.join(folder, theirs) + ".tmp", os.path.join(folder, theirs))
     c = model.config
-    write_json({**GPT.HF_CONFIG, "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+    write_json({**HF_CONFIG, "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
                 "n_positions": c.n_ctx, "n_ctx": c.n_ctx,  # n_ctx: what llama.cpp's converter reads
                 "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,

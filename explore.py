@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from common import UserError, argument_parser, load_model, load_tokenizer, model_path, number, quiet_stderr, run
-from gpt2 import GPT, MODEL_SIZES, GPTConfig
+from gpt2 import GPT, MODEL_SIZES, GPTConfig, read_config
 
 LABEL_CHARS = 12  # longest token label drawn on an axis
 
@@ -51,7 +51,7 @@ def index_tensors(folder):
     with quiet_stderr():  # TensorFlow's start-up log
         import tensorflow as tf  # only here: OpenAI's index is a TensorFlow file
 
-    config = GPT.read_config(folder)
+    config = read_config(os.path.join(folder, "hparams.json"))
     found = {name: tuple(shape) for name, shape in tf.train.list_variables(os.path.join(folder, "model.ckpt"))}
     tensors = []
     for name, p in skeleton(config).named_parameters():

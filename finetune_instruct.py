@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, train_layout, write_json
 from gpt2 import GPT
 
 DATA = "data/instruction-data.json"
@@ -192,7 +192,7 @@ def finetune(args):
         raise UserError(f"--max-length {max_length} is longer than the model's context window ({model.config.n_ctx})")
     if args.lora_rank:
         add_lora(model, args.lora_rank, args.lora_alpha)
-    model.to(device).train()
+    train_layout(model).to(device).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
@@ -237,7 +237,7 @@ def finetune(args):
     plot_curves(f"{stem}-loss.png", "step", {"loss": {"train": (history["step"], history["train"]),
                                                       "val": (history["step"], history["val"])}})
 
-    model = GPT.from_checkpoint(args.out).to(device)  # the answers come from the saved, best weights
+    model = GPT.from_pretrained(args.out).to(device)  # the answers come from the saved, best weights
     answers = []  # in batches: each step of a batch reads the weights once for all its rows
     for i in tqdm(range(0, len(test_set), args.batch_size), desc="answering the test split", unit="batch"):
         answers += respond(model, tokenizer, test_set[i:i + args.batch_size], args.max_new_tokens)

@@ -25,8 +25,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, learning_rate, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
-from gpt2 import GPT, GPTConfig
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, learning_rate, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, train_layout, write_json
+from gpt2 import GPT, GPTConfig, load_weights
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 DATA_FILE = "data/sms-spam/SMSSpamCollection"
@@ -161,7 +161,7 @@ def load_classifier(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights only: never runs code
         model = with_class_head(GPT.empty(GPTConfig(**ckpt["config"])), ckpt.get("pool", "last"))
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], path)
     except Exception:  # not a checkpoint at all, or one of another model
         raise UserError(f"{path} is not a spam classifier of this project: train one with  python finetune_spam.py") from None
     return model.eval()
@@ -299,7 +299,7 @@ def fine_tune(args, seed, out_dir, messages, tokenizer, device):
     model = with_class_head(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
                                        n_head=args.n_head, n_embd=args.n_embd), args.pool)
     freeze_all_but(model, args.trainable_blocks)
-    model.to(device)
+    train_layout(model).to(device)
     data = {name: [(encode(tokenizer, text, model.config.n_ctx), LABELS.index(label)) for label, text in ms]
             for name, ms in split.items()}
     optimizer = configure_optimizer(model, args.lr, args.weight_decay)

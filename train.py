@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, learning_rate, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, write_json
-from gpt2 import GPT, GPTConfig
+from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, learning_rate, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, train_layout, write_json
+from gpt2 import GPT, GPTConfig, load_weights
 
 DEFAULT_DATA = "data/the-verdict.txt"
 VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -367,12 +367,12 @@ def build(args, ckpt, device, rank, world):
     """-> (model, optimizer, progress {"step", "best_val", "history"})."""
     torch.manual_seed(args.seed)  # the initial weights
     if ckpt:
-        model = GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": args.dropout}))  # dropout may change on resume
-        model.load_state_dict(ckpt["model"])
+        config = GPTConfig(**{**ckpt["config"], "dropout": args.dropout})  # dropout may change on resume
+        model = load_weights(GPT.empty(config), ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
     else:
         model = init_model(args.init_from, args.context_length, args.dropout,
                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    model.to(device).train()
+    train_layout(model).to(device).train()
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))
     torch.manual_seed(args.seed + rank)  # dropout masks: their own stream in each process
     if not ckpt:
