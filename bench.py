@@ -12,8 +12,10 @@ bandwidth that bounds batch-1 generation, where every weight is read once per ne
 
 import argparse
 import copy
+import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,12 +26,18 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import add_device_arg, argument_parser, configure_optimizer, pick_device, run, save_atomic, train_layout
+from common import (DTYPES, add_device_arg, argument_parser, configure_optimizer, native_bf16, pick_device, run,
+                    save_atomic, train_layout)
 from download_weights import write_hf
 from gpt2 import GPT, GPTConfig, load_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MB = 1e6
+TRAINING = {  # the training rows: setting -> (number format, fused AdamW)
+    "float32, foreach AdamW (as before)": ("float32", False),
+    "float32, fused AdamW": ("float32", True),
+    "bfloat16 autocast, fused AdamW": ("bfloat16", True),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +202,21 @@ def load_peak(which, path):
     return seconds, before, rss("VmHWM")
 
 
+def training_run(argv, fused):
+    """Run in a fresh process: train.py with argv, its AdamW fused or torch's default foreach one ->
+    (seconds from start to end, the final validation loss, tokens trained on)."""
+    import common
+    import train
+
+    train.configure_optimizer = functools.partial(common.configure_optimizer, fused=fused)
+    sys.argv = ["train.py", *argv]
+    t0 = time.perf_counter()
+    train.main()
+    seconds = time.perf_counter() - t0
+    ckpt = torch.load(os.path.join(argv[argv.index("--out-dir") + 1], "ckpt.pt"), weights_only=True)
+    return seconds, ckpt["history"]["val"][-1], ckpt["tokens"]
+
+
 def in_fresh_process(fn, *fn_args):
     """bench.fn(*fn_args) in a new Python process; returns what it returns (through JSON)."""
     code = f"import json, bench; print(json.dumps(bench.{fn}(*{fn_args!r})))"
@@ -212,14 +235,13 @@ def autocast_for(device):
 # The machine's limits.
 
 
-def matmul_peak(args):
-    """FLOP/s of a large square matmul, the best any layer can hope for."""
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # bf16 matmul is unusably slow on CPUs
+def matmul_peak(args, dtype):
+    """FLOP/s of a large square matmul in dtype, the best any layer can hope for."""
     n = 4096 if args.device == "cuda" else 2048
     a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
     repeats = 8  # one call is too short to time steadily on a CPU that is still clocking up
-    seconds = timed({"matmul": lambda: [a @ b for _ in range(repeats)]}, args, "matmul peak")["matmul"] / repeats
-    return 2 * n**3 / seconds, dtype
+    seconds = timed({"matmul": lambda: [a @ b for _ in range(repeats)]}, args, f"{dtype} matmul")["matmul"] / repeats
+    return 2 * n**3 / seconds
 
 
 def read_bandwidth(args):
@@ -258,6 +280,40 @@ def checkpoints(ours, args):
 
 
 # -----------------------------------------------------------------------------
+# Whole training runs, start to end: the book's run and the Tiny Shakespeare recipe in each setting.
+
+SHAKESPEARE_RUN = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--context-length", "128", "--batch-size", "2",
+                   "--max-iters", "800", "--warmup-iters", "40", "--lr", "1e-3", "--min-lr", "1e-4", "--beta2", "0.95",
+                   "--dropout", "0", "--eval-interval", "100", "--eval-batches", "10"]
+
+
+def whole_runs(args):
+    """train.py on the-verdict.txt with its defaults (the book's run) and the Tiny Shakespeare recipe, in
+    each TRAINING setting, each in a fresh process on a copy of the text -> Markdown rows."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text, extra in (("the book's run", args.verdict, []), ("Tiny Shakespeare", args.shakespeare,
+                                                                         SHAKESPEARE_RUN)):
+            data = shutil.copy(text, os.path.join(tmp, os.path.basename(text)))
+            subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--data", data, "--prepare-only"],
+                           check=True, capture_output=True)  # tokenized once, before the timed runs
+            first = None
+            for setting, (dtype, fused) in TRAINING.items():
+                if dtype == "bfloat16" and not native_bf16(args.device):
+                    continue
+                argv = ["--data", data, "--out-dir", os.path.join(tmp, "out"), "--overwrite", "--device", args.device,
+                        "--dtype", dtype, *extra]
+                seconds, val, tokens = in_fresh_process("training_run", argv, fused)
+                first = first or seconds
+                rows.append((name, setting, f"{seconds:.0f} s", f"{tokens / seconds:,.0f}", f"{val:.3f}",
+                             f"{first / seconds:.2f}x"))
+    print("\n| train.py run | setting | start to end | tokens/s | final val loss | speed-up |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+# -----------------------------------------------------------------------------
 
 
 def print_table(args, n_params, rows):
@@ -286,8 +342,14 @@ def main():
     p.add_argument("--reps", type=int, default=3, help="timed runs per row and model (the median is shown)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    p.add_argument("--runs", action="store_true", help="instead: whole train.py runs, start to end, in each "
+                   "training setting: the book's run on --verdict and the Tiny Shakespeare recipe on --shakespeare")
+    p.add_argument("--verdict", default="data/the-verdict.txt", help="the text of the book's run")
+    p.add_argument("--shakespeare", default="data/tinyshakespeare.txt", help="Tiny Shakespeare's text")
     args = p.parse_args()
     args.device = pick_device(args.device)
+    if args.runs:
+        return whole_runs(args)
     if args.n_embd % args.n_head:
         raise ValueError(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     if max(args.seq_len + 1, args.prompt_len + args.new_tokens, args.prefill) > GPTConfig.n_ctx:
@@ -299,7 +361,8 @@ def main():
         rows.append((what, ours, theirs, "" if ratio is None else f"{ratio:.2f}x"))
 
     # The machine.
-    peak, mm_dtype = matmul_peak(args)
+    peaks = {dtype: matmul_peak(args, DTYPES[dtype]) for dtype in ("float32", "bfloat16")
+             if dtype == "float32" or native_bf16(dev)}
     bandwidth = read_bandwidth(args)
     matvec = matvec_bandwidth(args)
     ours, theirs = make_models(args.n_layer, args.n_head, args.n_embd, args.seed)
@@ -309,7 +372,8 @@ def main():
     # Each new token reads every weight but wpe (one row of it) once: the bound batch-1 generation can't beat.
     bytes_per_token = (n_params - ours.transformer.wpe.weight.numel()) * ours.lm_head.weight.element_size()
     bound = bandwidth / bytes_per_token
-    row(f"{str(mm_dtype).removeprefix('torch.')} matmul peak ({dev}), GFLOP/s", f"{peak / 1e9:.0f}")
+    for dtype, peak in peaks.items():
+        row(f"{dtype} matmul peak ({dev}), GFLOP/s", f"{peak / 1e9:.0f}")
     row("memory read bandwidth, GB/s", f"{bandwidth / 1e9:.1f}")
     row("matrix-vector product, 1 GiB weight (out, in) as nn.Linear's, GB/s", f"{matvec['out, in'] / 1e9:.1f}")
     row("matrix-vector product, the same weight stored (in, out), GB/s", f"{matvec['in, out'] / 1e9:.1f}")
@@ -322,24 +386,42 @@ def main():
     if diff > 1e-3:
         raise RuntimeError(f"the two models disagree (max logit difference {diff:.2g}): the weights did not map over")
 
-    # 1. Training.
+    # 1. Training: one step (forward, backward, AdamW) on the same batch and weights, as the training scripts
+    # did it before (float32, torch's default foreach AdamW), with the fused AdamW, and in bfloat16 with it.
     c = ours.config
     if not args.generation_only:
-        trained = train_layout(copy.deepcopy(ours)).train()  # as the training scripts lay it out
-        theirs.train()
-        opts = {m: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for m in (trained, theirs)}
-        data = torch.randint(0, ours.config.vocab_size, (args.batch_size, args.seq_len + 1), device=dev)
-        t = timed({m: (lambda m=m: train_step(m, opts[m], data, autocast)) for m in (trained, theirs)}, args, "training")
-        t[ours] = t[trained]
-        del opts, trained
-        theirs.eval()
+        data = torch.randint(0, c.vocab_size, (args.batch_size, args.seq_len + 1), device=dev)
         tokens = args.batch_size * args.seq_len
         # nanoGPT's count: 6 FLOPs per weight per token (forward 2, backward 4), plus attention's T x T matmuls
         flops = 6 * (n_params - ours.transformer.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * args.seq_len
-        a, b = tokens / t[ours], tokens / t[theirs]
-        row(f"training step (fwd + bwd + AdamW), {args.batch_size} x {args.seq_len}, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
-        row("training, GFLOP/s (share of matmul peak)", f"{a * flops / 1e9:.1f} ({a * flops / peak:.0%})",
-            f"{b * flops / 1e9:.1f} ({b * flops / peak:.0%})", a / b)
+        speed = {}
+        for setting, (dtype, fused) in TRAINING.items():
+            if dtype == "bfloat16" and not native_bf16(dev):
+                row(f"training step, {setting}", "no native bfloat16 on this device")
+                continue
+            models = {"ours": train_layout(copy.deepcopy(ours)).train(), "theirs": copy.deepcopy(theirs).train()}
+            opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1, fused=fused) for k, m in models.items()}
+            autocast = torch.autocast(torch.device(dev).type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+            t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, autocast)) for k in models}, args, setting)
+            speed[setting] = {k: tokens / t[k] for k in t}
+            a, b = speed[setting]["ours"], speed[setting]["theirs"]
+            row(f"training step {args.batch_size} x {args.seq_len}, {setting}, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
+            peak = peaks[dtype]
+            row(f"training, {setting}: GFLOP/s (share of the {dtype} matmul peak)", f"{a * flops / 1e9:.1f} "
+                f"({a * flops / peak:.0%})", f"{b * flops / 1e9:.1f} ({b * flops / peak:.0%})", a / b)
+            del models, opts
+        first = speed[next(iter(TRAINING))]
+        for setting in list(speed)[1:]:
+            a, b = speed[setting]["ours"] / first["ours"], speed[setting]["theirs"] / first["theirs"]
+            row(f"training, {setting} over {next(iter(TRAINING))}, speed-up", f"{a:.2f}x", f"{b:.2f}x")
+        # the layout a loaded model has, (in, out) block matrices, against the training scripts' contiguous one
+        models = {"contiguous": train_layout(copy.deepcopy(ours)).train(), "loaded": copy.deepcopy(ours).train()}
+        opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for k, m in models.items()}
+        nocast = torch.autocast(torch.device(dev).type, enabled=False)
+        t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, nocast)) for k in models}, args, "layouts")
+        row("training, float32: contiguous weights (train_layout) over the loaded (in, out) ones, speed-up",
+            f"{t['loaded'] / t['contiguous']:.2f}x")
+        del models, opts
 
     # 2. Generation, batch 1.
     idx = torch.randint(0, c.vocab_size, (1, args.prompt_len), device=dev)

@@ -79,7 +79,7 @@ def convert(folder):
         if os.path.exists(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
     print(f"{folder}: converting the TensorFlow checkpoint to model.safetensors (loads without TensorFlow)")
-    write_hf(load_model(folder), folder, tokenizer_from=folder)
+    write_hf(load_model(folder, reads_text=False), folder, tokenizer_from=folder)
 
 
 def main():
@@ -96,7 +96,7 @@ def main():
         spec, out = args.export_hf
         check_out_files([os.path.join(out, name) for name in HF_FILES], args.overwrite)
         source = model_path(spec)
-        write_hf(load_model(spec), out, tokenizer_from=source if os.path.isdir(source) else None)
+        write_hf(load_model(spec, reads_text=False), out, tokenizer_from=source if os.path.isdir(source) else None)
         print(f"{out}: a Hugging Face GPT-2 folder; transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")
         return
     size = size_name(args.model)

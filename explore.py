@@ -20,7 +20,8 @@ import re
 import torch
 from torch.nn import functional as F
 
-from common import UserError, argument_parser, load_model, load_tokenizer, model_path, number, quiet_stderr, run
+from common import (UserError, add_renamed, argument_parser, load_model, load_tokenizer, model_path, number, pyplot,
+                    quiet_stderr, save_figure, run)
 from gpt2 import GPT, MODEL_SIZES, GPTConfig, read_config
 
 LABEL_CHARS = 12  # longest token label drawn on an axis
@@ -28,11 +29,6 @@ LABEL_CHARS = 12  # longest token label drawn on an axis
 
 # -----------------------------------------------------------------------------
 # Weights: every tensor by our name and OpenAI's, and how many numbers each holds.
-
-
-def openai_shape(name, shape):
-    """OpenAI stores linear layers as 1x1 convolutions: our (out, in) is their (1, in, out)."""
-    return (1, shape[1], shape[0]) if GPT.openai_name(name).endswith("/w") else tuple(shape)
 
 
 def skeleton(config):
@@ -46,8 +42,8 @@ def count_parameters(config):
 
 
 def index_tensors(folder):
-    """[(our name, shape)] of an OpenAI checkpoint, from hparams.json and the index alone
-    (the data file is not read, nor needed); the shapes are the index's, in our layout."""
+    """[(our name, shape, OpenAI's shape)] of an OpenAI checkpoint, from hparams.json and the index alone
+    (the data file is not read, nor needed)."""
     with quiet_stderr():  # TensorFlow's start-up log
         import tensorflow as tf  # only here: OpenAI's index is a TensorFlow file
 
@@ -55,21 +51,21 @@ def index_tensors(folder):
     found = {name: tuple(shape) for name, shape in tf.train.list_variables(os.path.join(folder, "model.ckpt"))}
     tensors = []
     for name, p in skeleton(config).named_parameters():
-        tf_name, expected = GPT.openai_name(name), openai_shape(name, p.shape)
-        if found.get(tf_name) != expected:
+        tf_name = GPT.openai_name(name)
+        if math.prod(found.get(tf_name, ())) != p.numel():  # (the same numbers, maybe in another layout)
             has = list(found[tf_name]) if tf_name in found else "nothing by that name"
-            raise UserError(f"{folder}: {tf_name} should have shape {list(expected)}, the index has {has}")
-        tensors.append((name, tuple(p.shape)))
+            raise UserError(f"{folder}: {tf_name} should hold the {p.numel():,} numbers of {name}, the index has {has}")
+        tensors.append((name, tuple(p.shape), found[tf_name]))
     return tensors
 
 
 def model_tensors(spec):
-    """[(our name, shape)] of every tensor of --model, the tied output head once. An OpenAI
-    folder (or a size name's) is read from its index; anything else is loaded."""
+    """[(our name, shape, OpenAI's shape or None)] of every tensor of --model, the tied output head once.
+    An OpenAI folder (or a size name's) is read from its index, with its shapes; anything else is loaded."""
     folder = model_path(spec)
     if os.path.isfile(os.path.join(folder, "model.ckpt.index")):
         return index_tensors(folder)
-    return [(name, tuple(p.shape)) for name, p in load_model(spec).named_parameters()]
+    return [(name, tuple(p.shape), None) for name, p in load_model(spec, reads_text=False).named_parameters()]
 
 
 def group(name):
@@ -83,11 +79,11 @@ def show_weights(spec):
     print(f"{spec}: {len(tensors)} tensors")
     print(f"{'our name':<40} {'OpenAI name':<28} {'shape':>10} {'OpenAI shape':>12} {'parameters':>12}")
     totals = {}
-    for name, shape in tensors:
+    for name, shape, theirs in tensors:
         n = math.prod(shape)
         totals[group(name)] = totals.get(group(name), 0) + n
         print(f"{name:<40} {GPT.openai_name(name):<28} {'x'.join(map(str, shape)):>10} "
-              f"{'x'.join(map(str, openai_shape(name, shape))):>12} {n:>12,}")
+              f"{'x'.join(map(str, theirs)) if theirs else '-':>12} {n:>12,}")
     print("\nper block (and the embeddings, the final layer norm):")
     for name, n in totals.items():
         print(f"  {name:<12} {n:>12,}")
@@ -127,28 +123,6 @@ def label(tokenizer, i):
     """A token as an axis label: newlines visible, long ones cut."""
     text = tokenizer.decode([i]).replace("\n", "\\n")
     return text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"
-
-
-# -----------------------------------------------------------------------------
-# Pictures: matplotlib without a window, each PNG written to a temporary name and renamed.
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save(fig, out, name):
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, name)
-    fig.savefig(path + ".tmp.png", bbox_inches="tight")  # nothing cut off at the edges
-    pyplot().close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -192,7 +166,7 @@ def show_attention(model, tokenizer, text, layer, head, out):
     ax.set_ylabel("token (query)")
     fig.colorbar(ax.images[0], ax=ax, shrink=0.8)
     fig.tight_layout()
-    one = save(fig, out, f"attention-layer{layer}-head{head}.png")
+    one = save_figure(fig, os.path.join(out, f"attention-layer{layer}-head{head}.png"), bbox_inches="tight")
 
     cols = math.ceil(math.sqrt(n_head))
     rows = math.ceil(n_head / cols)
@@ -204,7 +178,7 @@ def show_attention(model, tokenizer, text, layer, head, out):
             ax.axis("off")
     fig.suptitle(f"layer {layer}, all {n_head} heads\n(row: a token; column: what it attends to)")
     fig.tight_layout()
-    grid = save(fig, out, f"attention-layer{layer}.png")
+    grid = save_figure(fig, os.path.join(out, f"attention-layer{layer}.png"), bbox_inches="tight")
 
     print(f"layer {layer}, head {head} ({one}): each token and the token it attends to most")
     for q, row in enumerate(weights[head]):
@@ -279,7 +253,7 @@ def show_words(model, tokenizer, words, out):
     ax.set_ylabel(f"second ({share[1]:.0%})")
     ax.set_title("token embeddings projected onto a plane (PCA)")
     fig.tight_layout()
-    path = save(fig, out, "words.png")
+    path = save_figure(fig, os.path.join(out, "words.png"), bbox_inches="tight")
     print(f"{len(ids)} token embeddings on their first two principal components "
           f"({share[0]:.0%} + {share[1]:.0%} of the variance): {path}")
 
@@ -319,13 +293,14 @@ def show_next(model, tokenizer, text, k, out):
     ax.set_title(f"how unexpected each token was: perplexity {math.exp(loss):.1f}")
     ax.legend()
     fig.tight_layout()
-    print(f"surprisal per token: {save(fig, out, 'next.png')}")
+    print(f"surprisal per token: {save_figure(fig, os.path.join(out, 'next.png'), bbox_inches='tight')}")
 
 
 def main():
     parser = argument_parser(__doc__)
     parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, ...), a folder or a .pt")
-    parser.add_argument("--out", default="out/explore", help="where the pictures go")
+    parser.add_argument("--out-dir", default="out/explore", help="where the pictures go")
+    add_renamed(parser, "--out", "--out-dir")
     parser.add_argument("--weights", action="store_true", help="every tensor, its OpenAI name, shape and size; the four sizes")
     parser.add_argument("--attention", metavar="TEXT", help="heatmaps of the attention weights over this text")
     parser.add_argument("--layer", type=number(int, 0), default=0, help="the layer --attention draws (0 = first)")
@@ -345,19 +320,16 @@ def main():
     if all(view is None for view in views_of_the_model):
         return  # --weights alone reads an OpenAI folder's index, not its weights
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    if tokenizer.enc.n_vocab > model.config.vocab_size:
-        raise UserError(f"{args.model} has {model.config.vocab_size} tokens, fewer than GPT-2's tokenizer "
-                        f"({tokenizer.enc.n_vocab}): it was not trained on GPT-2's tokens")
     if args.attention is not None:
-        show_attention(model, tokenizer, args.attention, args.layer, args.head, args.out)
+        show_attention(model, tokenizer, args.attention, args.layer, args.head, args.out_dir)
     if args.neighbors is not None:
         show_neighbors(model, tokenizer, args.neighbors, args.top_k)
     if args.analogy is not None:
         show_analogy(model, tokenizer, args.analogy, args.top_k)
     if args.words is not None:
-        show_words(model, tokenizer, args.words, args.out)
+        show_words(model, tokenizer, args.words, args.out_dir)
     if args.next is not None:
-        show_next(model, tokenizer, args.next, args.top_k, args.out)
+        show_next(model, tokenizer, args.next, args.top_k, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ Model (From Scratch)", chapter 7).
 
     python finetune_instruct.py                                  # GPT-2 355M, full fine-tuning
     python finetune_instruct.py --lora-rank 16 --mask-prompt     # LoRA, loss on the responses only
-    python finetune_instruct.py --evaluate out/instruct-responses.json   # score the answers with llama3
+    python finetune_instruct.py --judge out/instruct/responses.json   # score the answers with llama3
 
-Training writes the best checkpoint (a plain GPT checkpoint: LoRA is merged into the
-weights), a loss plot, and the model's answers to the test split beside the references.
+Training writes into --out-dir: best.pt, the checkpoint of lowest validation loss (a plain GPT
+checkpoint: LoRA is merged into the weights), ckpt.pt for --resume, loss.png, and responses.json,
+the best model's answers to the test split beside the references.
 """
 
 import copy
@@ -15,15 +16,16 @@ import json
 import math
 import os
 import re
-from functools import partial
-from itertools import islice
+import sys
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, train_layout, write_json
-from gpt2 import GPT
+from common import (UserError, add_model_args, add_renamed, add_training_args, argument_parser, check_size_args,
+                    configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device,
+                    precision, run, start_run, step_items, train, train_layout, write_json)
+from gpt2 import GPT, GPTConfig, load_weights
 
 DATA = "data/instruction-data.json"
 DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
@@ -31,6 +33,10 @@ SPLIT = (0.85, 0.10)  # train, test; the remaining 5% is validation (the book's 
 IGNORE = -100  # target id that cross_entropy skips
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer inside the blocks
 SAMPLE_TOKENS = 35  # length of the answer shown at each evaluation
+OUT_FILES = ("best.pt", "loss.png", "responses.json")  # what a run writes into --out-dir, besides ckpt.pt
+# What --resume cannot change: the model, the data and which examples each step trains on.
+FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "lora_rank", "lora_alpha",
+                   "mask_prompt", "batch_size", "seed")
 OLLAMA_URL = "http://localhost:11434"
 JUDGE_MODEL = "llama3"
 JUDGE_RETRIES = 2  # extra tries when the judge's reply is not a number
@@ -78,9 +84,9 @@ def encode(tokenizer, entry):
     return prompt + tokenizer.encode(entry["output"]) + [tokenizer.eot_id], len(prompt)
 
 
-def collate(batch, mask_prompt=False, max_length=None, pad_id=50256):
+def collate(batch, pad_id, mask_prompt=False, max_length=None):
     """[(ids, prompt_len), ...] -> inputs, targets (B, T). The targets are the inputs shifted
-    by one: each row keeps its first <|endoftext|> (so the model learns to stop) and the
+    by one: each row keeps its first <|endoftext|> (pad_id: so the model learns to stop) and the
     padding after it is IGNORE; mask_prompt also ignores the prompt, so only the answer
     counts. max_length truncates every row to at most that many positions."""
     rows = [(ids[:max_length + 1] if max_length else ids, prompt_len) for ids, prompt_len in batch]
@@ -93,14 +99,6 @@ def collate(batch, mask_prompt=False, max_length=None, pad_id=50256):
         if mask_prompt:
             targets[row, :prompt_len - 1] = IGNORE  # position prompt_len - 1 predicts the answer's first token
     return inputs, targets
-
-
-def shuffled_batches(data, batch_size, generator):
-    """Endless batches, in a new random order each epoch."""
-    while True:
-        order = torch.randperm(len(data), generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            yield [data[j] for j in order[i:i + batch_size]]
 
 
 # -----------------------------------------------------------------------------
@@ -154,15 +152,28 @@ def merge_lora(model):
 # Training
 
 
+def build_model(args, ckpt):
+    """The model to train: new (from --init-from, with LoRA if asked) or as ckpt.pt left it."""
+    torch.manual_seed(args.seed)
+    if ckpt:
+        dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout  # it may change on resume
+        model = GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": dropout}))
+        model = add_lora(model, args.lora_rank, args.lora_alpha) if args.lora_rank else model
+        load_weights(model, ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
+    else:
+        model = init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd)
+        model = add_lora(model, args.lora_rank, args.lora_alpha) if args.lora_rank else model
+    return train_layout(model)
+
+
 @torch.no_grad()
 def mean_loss(model, data, batch_size, n_batches, make_batch, device):
-    """Average loss over the first n_batches batches of data."""
-    model.eval()
+    """Average loss over the first n_batches batches of data (0: all of it)."""
     losses = []
-    for i in range(0, min(len(data), n_batches * batch_size), batch_size):
+    for i in range(0, min(len(data), n_batches * batch_size) if n_batches else len(data), batch_size):
         inputs, targets = make_batch(data[i:i + batch_size])
         losses.append(model(inputs.to(device), targets.to(device))[1].item())
-    model.train()
     return sum(losses) / len(losses)
 
 
@@ -177,74 +188,65 @@ def respond(model, tokenizer, entries, max_new_tokens):
     return [tokenizer.decode([t for t in out[len(p):] if t != tokenizer.eot_id]).strip() for p, out in zip(prompts, outs)]
 
 
-def finetune(args):
-    stem = os.path.splitext(args.out)[0]
-    check_out_files([args.out, f"{stem}-responses.json"], args.overwrite)
-    torch.manual_seed(args.seed)
+def finetune(args, ckpt):
     device = pick_device(args.device)
+    amp = precision(args.dtype, device)
     path = ensure_file(args.data, DATA_URL) if args.data == DATA else args.data
     train_set, val_set, test_set = split(load_entries(path))
     print(f"{path}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
-
-    model = init_model(args.init_from, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    max_length = args.max_length or model.config.n_ctx
-    if max_length > model.config.n_ctx:
-        raise UserError(f"--max-length {max_length} is longer than the model's context window ({model.config.n_ctx})")
-    if args.lora_rank:
-        add_lora(model, args.lora_rank, args.lora_alpha)
-    train_layout(model).to(device).train()
+    model = build_model(args, ckpt).to(device).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
           + (f", LoRA rank {args.lora_rank} alpha {args.lora_alpha}" if args.lora_rank else ", full fine-tuning"))
 
     tokenizer = load_tokenizer(args.init_from)
-    make_batch = partial(collate, mask_prompt=args.mask_prompt, max_length=max_length, pad_id=tokenizer.eot_id)
+    max_length = model.config.n_ctx  # (--context-length cut the model's window to it)
+
+    def make_batch(rows):
+        return collate(rows, tokenizer.eot_id, args.mask_prompt, max_length)
+
     train_data, val_data = ([encode(tokenizer, e) for e in entries] for entries in (train_set, val_set))
     if args.mask_prompt:  # a prompt that fills the window leaves no answer token to learn from
         train_data, val_data = ([d for d in data if d[1] <= max_length] for data in (train_data, val_data))
         if not (train_data and val_data):
-            raise UserError(f"every prompt is longer than --max-length {max_length}: raise it or drop --mask-prompt")
+            raise UserError(f"every prompt is longer than --context-length {max_length}: raise it or drop --mask-prompt")
+    steps_per_epoch = len(train_data) // args.batch_size
+    if not steps_per_epoch or args.batch_size % args.grad_accum:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} and at "
+                        f"most the {len(train_data)} training entries")
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))
+    trained = torch.compile(model) if args.compile else model
 
-    steps = args.max_steps or args.epochs * math.ceil(len(train_data) / args.batch_size)
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay)
-    batches = shuffled_batches(train_data, args.batch_size, torch.Generator().manual_seed(args.seed))
-    history = {"step": [], "train": [], "val": []}
-    best = math.inf
-    bar = tqdm(islice(batches, steps), total=steps, desc="fine-tuning", unit="step")
-    for step, batch in enumerate(bar, 1):
-        inputs, targets = make_batch(batch)
-        _, loss = model(inputs.to(device), targets.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % args.eval_interval and step != steps:
-            continue
-        train_loss, val_loss = (mean_loss(model, data, args.batch_size, args.eval_batches, make_batch, device)
-                                for data in (train_data, val_data))
-        for key, value in zip(history, (step, train_loss, val_loss)):
-            history[key].append(value)
-        answer = respond(model, tokenizer, val_set[:1], SAMPLE_TOKENS)[0]
-        tqdm.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f} | "
-                   f"{val_set[0]['instruction']!r} -> {answer!r}")
-        if val_loss < best:
-            best = val_loss
-            saved = merge_lora(copy.deepcopy(model)) if args.lora_rank else model
-            save_atomic(saved.checkpoint(step=step, val_loss=val_loss, args=vars(args)), args.out)
-    bar.close()
-    print(f"best val loss {best:.3f}: saved {args.out}")
-    plot_curves(f"{stem}-loss.png", "step", {"loss": {"train": (history["step"], history["train"]),
-                                                      "val": (history["step"], history["val"])}})
+    def micro_batches(step):  # the step's examples in --grad-accum parts, each padded to its own longest
+        rows = [train_data[j] for j in step_items(len(train_data), step, args.batch_size, args.seed)]
+        size = args.batch_size // args.grad_accum
+        return [tuple(t.to(device) for t in make_batch(rows[i:i + size])) for i in range(0, len(rows), size)]
 
-    model = GPT.from_pretrained(args.out).to(device)  # the answers come from the saved, best weights
+    def evaluate():
+        return {name: mean_loss(trained, data, args.batch_size, args.eval_batches, make_batch, device)
+                for name, data in (("train", train_data), ("val", val_data))}
+
+    def sample():
+        return f"{val_set[0]['instruction']!r} -> {respond(model, tokenizer, val_set[:1], SAMPLE_TOKENS)[0]!r}"
+
+    def best():  # a plain GPT checkpoint: LoRA merged into the weights it changes
+        return (merge_lora(copy.deepcopy(model)) if args.lora_rank else model).checkpoint(args=vars(args))
+
+    progress = train(args, trained, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch, steps_per_epoch,
+                     micro_batches=micro_batches, loss_of=lambda m, batch: m(*batch)[1], evaluate=evaluate,
+                     best=best, ckpt=ckpt, raw=model, sample=sample)
+    if progress["stopped"]:
+        sys.exit(130)
+    best_path, responses_path = (os.path.join(args.out_dir, name) for name in ("best.pt", "responses.json"))
+    print(f"best val loss {progress['best_val']:.3f}: saved {best_path}")
+    model = GPT.from_pretrained(best_path).to(device)  # the answers come from the saved, best weights
     answers = []  # in batches: each step of a batch reads the weights once for all its rows
     for i in tqdm(range(0, len(test_set), args.batch_size), desc="answering the test split", unit="batch"):
-        answers += respond(model, tokenizer, test_set[i:i + args.batch_size], args.max_new_tokens)
-    responses = [{**entry, "model_response": answer} for entry, answer in zip(test_set, answers)]
-    write_json(responses, f"{stem}-responses.json")
-    print(f"wrote {stem}-loss.png and {stem}-responses.json; score the answers with\n"
-          f"  python finetune_instruct.py --evaluate {stem}-responses.json")
+        with amp[0]:
+            answers += respond(model, tokenizer, test_set[i:i + args.batch_size], args.max_new_tokens)
+    write_json([{**entry, "model_response": answer} for entry, answer in zip(test_set, answers)], responses_path)
+    print(f"wrote {responses_path}; score the answers with\n  python finetune_instruct.py --judge {responses_path}")
 
 
 # -----------------------------------------------------------------------------
@@ -302,8 +304,8 @@ def judge(entry, url, model, seed):
     return None, reply
 
 
-def evaluate(args):
-    entries = load_entries(args.evaluate, required=("instruction", "output", "model_response"))
+def score_responses(args):
+    entries = load_entries(args.judge, required=("instruction", "output", "model_response"))
     scores = []
     for i, entry in enumerate(tqdm(entries, desc=f"judging with {args.judge_model}")):
         score, reply = judge(entry, args.ollama_url, args.judge_model, args.seed)
@@ -314,44 +316,39 @@ def evaluate(args):
             tqdm.write(f"entry {i}: score {score}")
         entry["score"] = score
         scores.append(score)
-    write_json(entries, args.evaluate)
+    write_json(entries, args.judge)
     valid = [s for s in scores if s is not None]
     failed = len(scores) - len(valid)
     if not valid:
-        raise UserError(f"the judge gave no score to any of the {len(scores)} entries; scores stay null in {args.evaluate}")
+        raise UserError(f"the judge gave no score to any of the {len(scores)} entries; scores stay null in {args.judge}")
     print(f"mean score {sum(valid) / len(valid):.2f} over {len(valid)} entries"
-          + (f" ({failed} failed, not counted)" if failed else "") + f"; scores written to {args.evaluate}")
+          + (f" ({failed} failed, not counted)" if failed else "") + f"; scores written to {args.judge}")
 
 
 def main():
     p = argument_parser(__doc__)
-    p.add_argument("--data", default=DATA, help="JSON list of {instruction, input, output}; downloaded when it is the default and missing")
+    p.add_argument("--data", default=DATA, help="JSON list of {instruction, input, output}; downloaded when it is the "
+                   "default and missing")
     add_model_args(p, "gpt2-medium")
-    p.add_argument("--lora-rank", type=number(int, 0), default=0, help="0 trains every weight; >0 trains only LoRA matrices of this rank")
-    p.add_argument("--lora-alpha", type=number(float, 0), default=16.0, help="LoRA scale: the update is multiplied by alpha / rank")
+    p.add_argument("--lora-rank", type=number(int, 0), default=0, help="0 trains every weight; >0 trains only LoRA "
+                   "matrices of this rank")
+    p.add_argument("--lora-alpha", type=number(float, 0), default=16.0, help="LoRA scale: the update is multiplied "
+                   "by alpha / rank")
     p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the responses only")
-    p.add_argument("--max-length", type=number(int, 2), help="truncate each example to this many tokens (default: the context window)")
-    p.add_argument("--batch-size", type=number(int, 1), default=8, help="examples per step; also test prompts answered at once")
-    p.add_argument("--epochs", type=number(int, 1), default=2)
-    p.add_argument("--max-steps", type=number(int, 0), default=0, help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--lr", type=number(float, 0), default=5e-5)
-    p.add_argument("--weight-decay", type=number(float, 0), default=0.1)
-    p.add_argument("--eval-interval", type=number(int, 1), default=20, help="steps between evaluations")
-    p.add_argument("--eval-batches", type=number(int, 1), default=5, help="batches per loss estimate")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest answer to the test instructions")
-    p.add_argument("--out", default="out/instruct.pt", help="checkpoint; the loss plot and answers go beside it")
-    add_overwrite_arg(p, "--out")
-    add_device_arg(p)
-    p.add_argument("--seed", type=int, default=123, help="shuffling, initialisation and the judge")
-    p.add_argument("--evaluate", metavar="RESPONSES", help="score this responses JSON with the Ollama judge instead of training")
+    p.add_argument("--judge", metavar="RESPONSES", help="score this responses JSON with the Ollama judge instead of "
+                   "training")
+    add_renamed(p, "--evaluate", "--judge")
     p.add_argument("--ollama-url", default=OLLAMA_URL)
     p.add_argument("--judge-model", default=JUDGE_MODEL)
+    add_training_args(p, out_dir="out/instruct", epochs=2, batch_size=8, lr=5e-5, beta2=0.95, eval_interval=20)
     args = p.parse_args()
     check_size_args(args)
-    if args.evaluate:
-        evaluate(args)
-    else:
-        finetune(args)
+    if args.judge:
+        score_responses(args)
+        return
+    args, ckpt = start_run(p, args, args.out_dir, OUT_FILES, FIXED_ON_RESUME)
+    finetune(args, ckpt)
 
 
 if __name__ == "__main__":

@@ -3,36 +3,43 @@
 The model reads a message, and the hidden state of its last token (the only position
 that has seen the whole message; --pool mean averages every token's instead) goes through
 a new 2-way head: ham or spam. Only the last few blocks, the final layer norm and the head
-are trained (a model from scratch trains everything). The epoch of lowest validation loss
-is kept (--patience stops early after that many epochs without a lower one).
+are trained (a model from scratch trains everything). The step of lowest validation loss
+is kept (--patience stops early after that many evaluations without a lower one).
 
     python finetune_spam.py --init-from gpt2                        # OpenAI's 124M weights
-    python finetune_spam.py --init-from scratch --n-layer 4 --n-head 4 --n-embd 128 --context-length 300 \
+    python finetune_spam.py --init-from scratch --n-layer 4 --n-head 4 --n-embd 128 --context-length 300 \\
         --trainable-blocks all --dropout 0.1 --lr 1e-3 --warmup-iters 65 --min-lr 0   # no weights: ~80 s of CPU
     python finetune_spam.py --classify "You won a free cruise, call now"
     python finetune_spam.py --seeds 0-9 ...                         # ten runs, out/spam/seed<S>/; mean, std, worst
 """
 
 import argparse
+import json
 import os
 import random
 import statistics
+import sys
 import time
 import zipfile
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from common import UserError, add_device_arg, add_model_args, add_overwrite_arg, argument_parser, check_out_files, check_size_args, configure_optimizer, ensure_file, learning_rate, init_model, load_tokenizer, number, pick_device, plot_curves, run, save_atomic, train_layout, write_json
+from common import (UserError, add_model_args, add_training_args, argument_parser, check_out_files, check_size_args,
+                    configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, precision,
+                    read_checkpoint, replaced, run, start_run, step_items, train, train_layout, write_json)
 from gpt2 import GPT, GPTConfig, load_weights
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 DATA_FILE = "data/sms-spam/SMSSpamCollection"
 LABELS = ["ham", "spam"]  # class index -> name; spam is the positive class
 SPLITS = {"train": 0.7, "validation": 0.1, "test": 0.2}
-PAD_ID = 50256  # <|endoftext|>; padding never reaches the prediction, see classify()
+MAX_SEEDS = 1000  # --seeds runs one fine-tuning per seed, a minute or more each
+OUT_FILES = ("classifier.pt", "loss.png", "metrics.json")  # what a run writes into its out-dir, besides ckpt.pt
+# What --resume cannot change: the model, the data and which messages each step trains on.
+FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "trainable_blocks", "pool",
+                   "batch_size", "seed")
 
 
 # -----------------------------------------------------------------------------
@@ -76,12 +83,9 @@ def balanced_split(messages, seed):
 
 def write_split(split, folder, seed):
     """Each part as folder/<part>-seed<seed>.tsv, in the source's own format."""
-    os.makedirs(folder, exist_ok=True)
     for name, messages in split.items():
-        path = os.path.join(folder, f"{name}-seed{seed}.tsv")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with replaced(os.path.join(folder, f"{name}-seed{seed}.tsv")) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(f"{label}\t{text}\n" for label, text in messages)
-        os.replace(path + ".tmp", path)
 
 
 def load_data(path):
@@ -105,18 +109,14 @@ def encode(tokenizer, text, n_ctx):
     return ids
 
 
-def batches(examples, batch_size, device, generator=None):
-    """[(ids, label)] -> (idx (B, T) padded with PAD_ID, lengths (B,), labels (B,)) per batch,
-    each padded only to its own longest text; shuffled when a generator is given."""
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator else list(range(len(examples)))
-    for i in range(0, len(order), batch_size):
-        rows = [examples[j] for j in order[i:i + batch_size]]
-        lengths = torch.tensor([len(ids) for ids, _ in rows])
-        idx = torch.full((len(rows), int(lengths.max())), PAD_ID, dtype=torch.long)
-        for r, (ids, _) in enumerate(rows):
-            idx[r, :len(ids)] = torch.tensor(ids)
-        labels = torch.tensor([label for _, label in rows])
-        yield idx.to(device), lengths.to(device), labels.to(device)
+def collate(rows, pad_id, device):
+    """[(ids, label)] -> (idx (B, T) padded with pad_id after each text, lengths (B,), labels (B,)),
+    padded only to the batch's own longest text: padding never reaches the prediction (see classify)."""
+    lengths = torch.tensor([len(ids) for ids, _ in rows])
+    idx = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for r, (ids, _) in enumerate(rows):
+        idx[r, :len(ids)] = torch.tensor(ids)
+    return idx.to(device), lengths.to(device), torch.tensor([label for _, label in rows]).to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -155,14 +155,27 @@ def freeze_all_but(model, trainable_blocks):
         module.requires_grad_(True)
 
 
+def build_classifier(args, ckpt):
+    """The classifier to train: new (GPT-2 and a new head) or as ckpt.pt left it; only what trains trainable."""
+    torch.manual_seed(args.seed)
+    if ckpt:
+        dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout  # it may change on resume
+        model = with_class_head(GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": dropout})), args.pool)
+        load_weights(model, ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
+    else:
+        model = with_class_head(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
+                                           n_head=args.n_head, n_embd=args.n_embd), args.pool)
+    freeze_all_but(model, args.trainable_blocks)
+    return train_layout(model)
+
+
 def load_classifier(path):
-    if not os.path.isfile(path):
-        raise UserError(f"no saved classifier at {path}: train one first with  python finetune_spam.py")
+    ckpt = read_checkpoint(path, "a spam classifier", "train one first with  python finetune_spam.py",
+                           needs=("config", "model", "labels"))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights only: never runs code
         model = with_class_head(GPT.empty(GPTConfig(**ckpt["config"])), ckpt.get("pool", "last"))
         load_weights(model, ckpt["model"], path)
-    except Exception:  # not a checkpoint at all, or one of another model
+    except (TypeError, ValueError):  # the config of another model, or weights that do not fit it
         raise UserError(f"{path} is not a spam classifier of this project: train one with  python finetune_spam.py") from None
     return model.eval()
 
@@ -172,26 +185,26 @@ def load_classifier(path):
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, device):
-    """Mean loss and the metrics of the model's predictions on examples."""
-    model.eval()
+def measure(model, examples, batch_size, pad_id, device, n_batches=0):
+    """Mean loss and the metrics of the model's predictions on examples (the first n_batches batches; 0: all)."""
     total_loss, preds, labels = 0.0, [], []
-    for idx, lengths, y in batches(examples, batch_size, device):
-        logits = classify(model, idx, lengths)
+    for i in range(0, len(examples) if not n_batches else min(len(examples), n_batches * batch_size), batch_size):
+        idx, lengths, y = collate(examples[i:i + batch_size], pad_id, device)
+        logits = classify(model, idx, lengths).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         preds += logits.argmax(-1).tolist()
         labels += y.tolist()
-    return {"loss": total_loss / len(examples), **metrics(preds, labels)}
+    return {"loss": total_loss / len(labels), **metrics(preds, labels)}
 
 
 def metrics(preds, labels):
     """Spam is the positive class. confusion[true][predicted], rows and columns in LABELS order."""
     confusion = [[sum(1 for p, y in zip(preds, labels) if y == t and p == q) for q in range(2)] for t in range(2)]
     (tn, fp), (fn, tp) = confusion
-    precision = tp / (tp + fp) if tp + fp else 0.0
+    precision_ = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / len(labels), "precision": precision, "recall": recall, "f1": f1,
+    f1 = 2 * precision_ * recall / (precision_ + recall) if precision_ + recall else 0.0
+    return {"accuracy": (tp + tn) / len(labels), "precision": precision_, "recall": recall, "f1": f1,
             "confusion": confusion}
 
 
@@ -211,10 +224,15 @@ def seed_list(text):
     try:
         for part in text.split(","):
             low, dash, high = part.strip().partition("-")
-            seeds += range(int(low), int(high) + 1) if dash else [int(low)]
+            low, high = int(low), int(high) if dash else int(low)
+            if high < low:
+                raise argparse.ArgumentTypeError(f"{part.strip()} is an empty range: write the smaller seed first")
+            if len(seeds) + high - low + 1 > MAX_SEEDS:
+                raise argparse.ArgumentTypeError(f"{text} names more than {MAX_SEEDS} seeds (a fine-tuning each)")
+            seeds += range(low, high + 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be seeds like 0-9, 1,4,7 or 0-4,9, not {text}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
+    if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"must name each seed once (like 0-9), not {text}")
     return seeds
 
@@ -224,38 +242,26 @@ def parser():
     p.add_argument("--classify", metavar="TEXT", help="print spam or ham for TEXT with the saved classifier, and stop")
     p.add_argument("--data", default=DATA_FILE, help="the SMSSpamCollection file (the default is downloaded if missing)")
     p.add_argument("--split-dir", default="data/sms-spam", help="where the train/validation/test split files go")
-    p.add_argument("--out-dir", default="out/spam", help="classifier.pt, metrics.json and curves.png go here "
-                   "(with --seeds: in its seed<S>/ folders, and the summary seeds.json in it)")
     add_model_args(p, "gpt2")
-    p.add_argument("--context-length", type=number(int, 1), help="shorter context window (default: the model's own, 1024)")
-    p.add_argument("--dropout", type=number(float, 0, 1), help="dropout rate (default: the model's own, 0)")
     p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
     p.add_argument("--pool", choices=["last", "mean"], default="last", help="the head reads the last real token's "
                    "state (the book's), or the mean of every real token's")
-    p.add_argument("--epochs", type=number(int, 1), default=5)
-    p.add_argument("--patience", type=number(int, 1), help="stop after this many epochs without a lower validation "
-                   "loss; None: train all --epochs")
-    p.add_argument("--batch-size", type=number(int, 1), default=8)
-    p.add_argument("--lr", type=number(float, 0), default=5e-5, help="peak learning rate")
-    p.add_argument("--min-lr", type=number(float, 0), help="learning rate at the end of a cosine decay over all the steps; "
-                   "None: --lr throughout (constant, as in the book)")
-    p.add_argument("--warmup-iters", type=number(int, 0), default=0, help="steps of linear warmup to --lr")
-    p.add_argument("--weight-decay", type=number(float, 0), default=0.1, help="on weight matrices only")
-    p.add_argument("--grad-clip", type=number(float, 0), default=0.0, help="clip the gradient norm to this; 0: no clipping")
+    p.add_argument("--patience", type=number(int, 1), help="stop after this many evaluations without a lower "
+                   "validation loss; None: train all the steps")
     p.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="of the training loss "
                    "(validation and test losses are plain cross-entropy)")
-    seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=123, help="seeds the balanced split and the training")
-    seeds.add_argument("--seeds", type=seed_list, help="one run per seed (0-9, 1,4,7, ...), one after the other, "
-                       "each in OUT_DIR/seed<S>/; then the mean, spread and worst of them")
-    add_overwrite_arg(p, "--out-dir")
-    add_device_arg(p)
+    p.add_argument("--seeds", type=seed_list, help="one run per seed (0-9, 1,4,7, ...), one after the other, each in "
+                   "OUT_DIR/seed<S>/; then the mean, spread and worst of them (with --resume: the sweep goes on)")
+    add_training_args(p, out_dir="out/spam", epochs=5, batch_size=8, lr=5e-5, beta2=0.95, eval_batches=0)
     return p
 
 
 def main():
-    args = parser().parse_args()
+    p = parser()
+    args = p.parse_args()
     check_size_args(args)
+    if args.seeds and args.seed != p.get_default("seed"):
+        raise UserError("--seed and --seeds: give one of them")
     if args.classify is not None:
         if args.seeds:
             raise UserError("--classify uses one classifier: pass --out-dir OUT_DIR/seed<S> instead of --seeds")
@@ -267,89 +273,93 @@ def main():
         print(f"{LABELS[int(probs.argmax())]} {probs.max().item():.3f}")
         return
 
-    seeds = args.seeds or [args.seed]
-    out_dirs = {seed: os.path.join(args.out_dir, f"seed{seed}") if args.seeds else args.out_dir for seed in seeds}
-    summary_path = os.path.join(args.out_dir, "seeds.json")
-    # every seed's files are checked before the first one trains: a clash never stops a sweep halfway
-    check_out_files([os.path.join(d, "classifier.pt") for d in out_dirs.values()] + ([summary_path] if args.seeds else []),
-                    args.overwrite)
+    # Before the first file is written: every seed's out-dir (or what it resumes), the device, the data.
+    runs, summary_path = {}, os.path.join(args.out_dir, "seeds.json")
+    for seed in args.seeds or [args.seed]:
+        seed_args = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None,
+                                          "out_dir": os.path.join(args.out_dir, f"seed{seed}") if args.seeds else args.out_dir})
+        if args.seeds and args.resume and not os.path.isfile(os.path.join(seed_args.out_dir, "ckpt.pt")):
+            seed_args.resume = False  # a seed the sweep has not reached yet: it starts
+        runs[seed] = start_run(p, seed_args, seed_args.out_dir, OUT_FILES, FIXED_ON_RESUME)
+        runs[seed][0].out_dir, runs[seed][0].seeds = seed_args.out_dir, None  # (the sweep's, not its own)
+    if args.seeds:
+        check_out_files([summary_path], args.overwrite or args.resume)
     device = pick_device(args.device)
+    amp = precision(args.dtype, device)
     tokenizer = load_tokenizer(args.init_from)
     messages = load_data(args.data)
     reports = {}
-    for n, seed in enumerate(seeds, 1):
+    for n, (seed, (seed_args, ckpt)) in enumerate(runs.items(), 1):
         if args.seeds:
-            print(f"\n=== seed {seed} ({n} of {len(seeds)}) -> {out_dirs[seed]}")
-        reports[seed] = fine_tune(args, seed, out_dirs[seed], messages, tokenizer, device)
+            print(f"\n=== seed {seed} ({n} of {len(runs)}) -> {seed_args.out_dir}")
+        reports[seed] = fine_tune(seed_args, ckpt, messages, tokenizer, device, amp)
+        if reports[seed] is None:  # Ctrl-C: saved, the sweep stops here
+            sys.exit(130)
     if args.seeds:
         summary = summarize(reports)
         write_json({**summary, "args": {k: v for k, v in vars(args).items() if k != "seed"}}, summary_path)
-        print(f"\n{len(seeds)} seeds, {torch.get_num_threads()} thread(s) each; summary in {summary_path}\n")
+        print(f"\n{len(reports)} seeds, {torch.get_num_threads()} thread(s) each; summary in {summary_path}\n")
         print_summary(summary)
 
 
-def fine_tune(args, seed, out_dir, messages, tokenizer, device):
-    """Split with seed, fine-tune, keep the epoch of lowest validation loss in out_dir; -> its report."""
+def fine_tune(args, ckpt, messages, tokenizer, device, amp):
+    """Split with args.seed, fine-tune, keep the step of lowest validation loss; -> its report, None if stopped."""
     start, start_cpu = time.time(), time.process_time()
-    checkpoint_path = os.path.join(out_dir, "classifier.pt")
-    split = balanced_split(messages, seed)
-    write_split(split, args.split_dir, seed)
-    print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
-    torch.manual_seed(seed)
-    model = with_class_head(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
-                                       n_head=args.n_head, n_embd=args.n_embd), args.pool)
-    freeze_all_but(model, args.trainable_blocks)
-    train_layout(model).to(device)
+    metrics_path = os.path.join(args.out_dir, "metrics.json")
+    if ckpt and os.path.isfile(metrics_path):  # (a sweep's finished seed)
+        print(f"{metrics_path}: finished already")
+        with open(metrics_path, encoding="utf-8") as f:
+            return json.load(f)
+    split = balanced_split(messages, args.seed)
+    model = build_classifier(args, ckpt).to(device)
+    pad = tokenizer.eot_id
     data = {name: [(encode(tokenizer, text, model.config.n_ctx), LABELS.index(label)) for label, text in ms]
             for name, ms in split.items()}
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay)
+    steps_per_epoch = len(data["train"]) // args.batch_size
+    if not steps_per_epoch or args.batch_size % args.grad_accum:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} and at "
+                        f"most the {len(data['train'])} training messages")
+    write_split(split, args.split_dir, args.seed)
+    print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
+    trained = torch.compile(model) if args.compile else model
 
-    history, best, generator = [], None, torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(data["train"]) // args.batch_size)
-    with tqdm(total=args.epochs * steps_per_epoch, desc="fine-tuning", unit="step") as bar:
-        for epoch in range(1, args.epochs + 1):
-            model.train()
-            for i, (idx, lengths, y) in enumerate(batches(data["train"], args.batch_size, device, generator)):
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate((epoch - 1) * steps_per_epoch + i, args.epochs * steps_per_epoch, args)
-                loss = F.cross_entropy(classify(model, idx, lengths), y, label_smoothing=args.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            train, val = (evaluate(model, data[name], args.batch_size, device) for name in ("train", "validation"))
-            history.append({"epoch": epoch, "train": train, "validation": val})
-            saved = best is None or val["loss"] < best["validation"]["loss"]
-            if saved:  # keep the epoch with the lowest validation loss
-                best = history[-1]
-                save_atomic(model.checkpoint(labels=LABELS, pool=args.pool, epoch=epoch, seed=seed), checkpoint_path)
-            bar.write(f"epoch {epoch}: train loss {train['loss']:.4f} acc {train['accuracy']:.2%} | "
-                      f"val loss {val['loss']:.4f} acc {val['accuracy']:.2%}" + (" | saved" if saved else ""))
-            if args.patience and epoch - best["epoch"] >= args.patience:
-                bar.write(f"no lower validation loss in {args.patience} epochs: stopping")
-                break
+    def micro_batches(step):  # the step's messages in --grad-accum parts, each padded to its own longest
+        rows = [data["train"][j] for j in step_items(len(data["train"]), step, args.batch_size, args.seed)]
+        size = args.batch_size // args.grad_accum
+        return [collate(rows[i:i + size], pad, device) for i in range(0, len(rows), size)]
 
-    model = load_classifier(checkpoint_path).to(device)
-    report = {name: evaluate(model, examples, args.batch_size, device) for name, examples in data.items()}
-    print(f"best epoch {best['epoch']}, saved in {checkpoint_path}")
+    def loss_of(m, batch):
+        idx, lengths, y = batch
+        return F.cross_entropy(classify(m, idx, lengths), y, label_smoothing=args.label_smoothing)
+
+    def evaluate():
+        train_, val = (measure(model, data[name], args.batch_size, pad, device, args.eval_batches)
+                       for name in ("train", "validation"))
+        return {"train": train_["loss"], "val": val["loss"], "train_accuracy": train_["accuracy"],
+                "val_accuracy": val["accuracy"]}
+
+    progress = train(args, trained, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch, steps_per_epoch,
+                     micro_batches=micro_batches, loss_of=loss_of, evaluate=evaluate, ckpt=ckpt, raw=model,
+                     best=lambda: model.checkpoint(labels=LABELS, pool=args.pool, seed=args.seed),
+                     best_name="classifier.pt", patience=args.patience)
+    if progress["stopped"]:
+        return None
+    checkpoint_path = os.path.join(args.out_dir, "classifier.pt")
+    best = load_classifier(checkpoint_path).to(device)
+    with torch.no_grad(), amp[0]:
+        report = {name: measure(best, examples, args.batch_size, pad, device) for name, examples in data.items()}
+    best_step = torch.load(checkpoint_path, weights_only=True, mmap=True)["step"]
+    print(f"best step {best_step} (epoch {best_step / steps_per_epoch:.1f}), saved in {checkpoint_path}")
     print_report(report)
-    epochs = [h["epoch"] for h in history]
-    curves = {quantity: {name: (epochs, [h[name][quantity] for h in history]) for name in ("train", "validation")}
-              for quantity in ("loss", "accuracy")}
-    plot_curves(os.path.join(out_dir, "curves.png"), "epoch", curves)
     # all of the run, from the split to the plot; CPU time adds up every thread's
     timing = {"wall_s": time.time() - start, "cpu_s": time.process_time() - start_cpu, "threads": torch.get_num_threads()}
-    metrics_path = os.path.join(out_dir, "metrics.json")
-    write_json({**report, "best_epoch": best["epoch"], "time": timing, "history": history, "args": {**vars(args), "seed": seed}},
-               metrics_path)
-    print(f"{timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU; metrics in {metrics_path}, "
-          f"curves in {os.path.join(out_dir, 'curves.png')}")
-    return {**report, "best_epoch": best["epoch"], "time": timing}
+    result = {**report, "best_step": best_step, "best_epoch": best_step / steps_per_epoch, "time": timing}
+    write_json({**result, "history": progress["history"], "args": vars(args)}, metrics_path)
+    print(f"{timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU; metrics in {metrics_path}")
+    return result
 
 
 def summarize(reports):

@@ -2,8 +2,8 @@
 `train.py --prepare-only` against one tiktoken thread on the same text and against the machine's
 ceiling, and the peak memory of training on that corpus, beside training on one copy of the text.
 
-    python bench_data.py --text ../shared/data/tinyshakespeare.txt            # a 300 MB folder, deleted after
-    python bench_data.py --text tinyshakespeare.txt --mb 96 --file-mb 3 --workers 1 2 4 8 16   # as on 16 cores
+    python -m tools.bench_data --text tinyshakespeare.txt        # a 300 MB folder, deleted after
+    python -m tools.bench_data --text tinyshakespeare.txt --mb 96 --file-mb 3 --workers 1 2 4 8 16   # 16 cores
 
 The corpus is --text repeated into files of about --file-mb each, in a temporary folder. Each
 repeat measures, back to back: one tiktoken thread on the whole files; the ceiling, as many
@@ -25,7 +25,7 @@ import time
 
 from common import argument_parser, load_tokenizer, number, run
 
-TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 TARGET_TOKENS = 10e9  # the corpus size the figures are extrapolated to
 # A small model and few steps: the memory that matters is the data's, beside torch's own.
 TRAIN_ARGS = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--context-length", "128", "--batch-size", "8",

@@ -1,8 +1,8 @@
 """Ctrl-C a training run at random moments, resume it, and check the result is bitwise equal
 to a run that was never stopped (weights, optimizer state, loss history).
 
-    python stress_resume.py                      # 20 tries of a tiny model on data/the-verdict.txt
-    python stress_resume.py --tries 50 --data ../shared/data/the-verdict.txt
+    python -m tools.stress_resume                   # 20 tries of a tiny model on data/the-verdict.txt
+    python -m tools.stress_resume --tries 50 --data the-verdict.txt
 
 Each try starts train.py, waits a random time, sends SIGINT, resumes with --resume and compares
 the final ckpt.pt with the uninterrupted run's. The last line says how many were equal.
@@ -21,7 +21,7 @@ import torch
 
 from common import argument_parser, number, run
 
-TRAIN = [sys.executable, str(Path(__file__).resolve().parent / "train.py")]
+TRAIN = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py")]
 TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length", "32", "--batch-size", "2",
         "--max-iters", "40", "--eval-interval", "10", "--dropout", "0.1"]
 

@@ -1,6 +1,6 @@
 """Is int8 worth it on a CPU? gpt2.py's model in fp32 against the same model with int8 weights.
 
-    python bench_int8.py --model out-shakespeare/best.pt --text heldout.txt
+    python -m tools.bench_int8 --model out-shakespeare/best.pt --text heldout.txt   # from the project's folder
 
 The int8 model is PyTorch's dynamic quantization of the blocks' linear layers: weights stored as
 int8 with one scale per output row, activations quantized on the fly (the output head, tied to
