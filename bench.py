@@ -26,15 +26,15 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import (DTYPES, add_device_arg, argument_parser, configure_optimizer, native_bf16, pick_device, run,
-                    save_atomic, train_layout)
+from common import (DTYPES, add_device_arg, argument_parser, configure_optimizer, keep_freed_memory, native_bf16,
+                    pick_device, run, save_atomic, train_layout)
 from download_weights import write_hf
 from gpt2 import GPT, GPTConfig, load_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MB = 1e6
 TRAINING = {  # the training rows: setting -> (number format, fused AdamW)
-    "float32, foreach AdamW (as before)": ("float32", False),
+    "float32, foreach AdamW (as before)": ("float32", False),  # (and in --runs, glibc's default: see keep_freed_memory)
     "float32, fused AdamW": ("float32", True),
     "bfloat16 autocast, fused AdamW": ("bfloat16", True),
 }
@@ -165,7 +165,7 @@ def phase_peak(which, phase, args_dict):
     args = argparse.Namespace(**args_dict)
     ours, theirs = make_models(args.n_layer, args.n_head, args.n_embd, args.seed)
     model = (ours if which == "ours" else theirs).to(args.device)
-    del ours, theirs
+    ours = theirs = None  # the loading rows measure fresh processes: free this one's memory
     autocast = autocast_for(args.device)
     torch.manual_seed(args.seed)
     if phase == "train":
@@ -203,12 +203,15 @@ def load_peak(which, path):
 
 
 def training_run(argv, fused):
-    """Run in a fresh process: train.py with argv, its AdamW fused or torch's default foreach one ->
-    (seconds from start to end, the final validation loss, tokens trained on)."""
+    """Run in a fresh process: train.py with argv, its AdamW fused, or as before (torch's default foreach
+    AdamW, and glibc's default of giving freed memory back) -> (seconds from start to end, the final
+    validation loss, tokens trained on)."""
     import common
     import train
 
     train.configure_optimizer = functools.partial(common.configure_optimizer, fused=fused)
+    if not fused:
+        common.keep_freed_memory = lambda: None
     sys.argv = ["train.py", *argv]
     t0 = time.perf_counter()
     train.main()
@@ -390,6 +393,7 @@ def main():
     # did it before (float32, torch's default foreach AdamW), with the fused AdamW, and in bfloat16 with it.
     c = ours.config
     if not args.generation_only:
+        keep_freed_memory()  # as the training loop does, for both models
         data = torch.randint(0, c.vocab_size, (args.batch_size, args.seq_len + 1), device=dev)
         tokens = args.batch_size * args.seq_len
         # nanoGPT's count: 6 FLOPs per weight per token (forward 2, backward 4), plus attention's T x T matmuls
@@ -471,7 +475,7 @@ def main():
 
     # 4. Loading, each in a fresh process: both from the same Hugging Face folder (download_weights.py's
     # conversion), ours also from a .pt, and once without torch._dynamo imported before (GPT.empty's first use).
-    del ours, theirs
+    ours = theirs = None  # the loading rows measure fresh processes: free this one's memory
     weights = 4 * n_params  # float32
     runs = {"theirs": ("theirs", files["hf"]), "ours": ("ours", files["hf"]), "pt": ("ours", files["pt"]),
             "first": ("ours, first", files["hf"])}

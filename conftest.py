@@ -1,17 +1,17 @@
 """Where the tests find the real data they read: the folder GPT2_DATA names (default ../shared/data,
 beside the project). Where that folder lacks a file, the tests fetch the same public files once into a
 cache (GPT2_DATA_CACHE, default ~/.cache/gpt2-tests) with the project's own download code, then read
-them there; offline and without them, pytest stops with one line that says what is needed.
+them there; offline and without them, pytest stops with one line that says what is needed. This runs
+when pytest loads this file, before the tests' own conftest.py and any test module read GPT2_DATA.
 GPT2_DATA_MIRROR, if set, replaces https:// in every address (a local mirror, or the tests' own server)."""
 
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent
 OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2"
@@ -35,7 +35,7 @@ def missing(folder):
 def fetch_data(folder, mirror=None):
     """Download the DATA_FILES folder lacks into it, each file whole or not at all, and fill its
     tiktoken-cache/ from the BPE files."""
-    from common import download  # the project's own: resumes, retries, renames a file only when whole
+    from common import download, replaced  # the project's own: resumes, retries, renames a file only when whole
 
     for name in missing(folder):
         url = DATA_FILES[name] if not mirror else DATA_FILES[name].replace("https://", mirror.rstrip("/") + "/")
@@ -52,8 +52,8 @@ def fetch_data(folder, mirror=None):
         cached = folder / "tiktoken-cache" / hashlib.sha1(url.encode()).hexdigest()
         if not cached.is_file():
             os.makedirs(cached.parent, exist_ok=True)
-            shutil.copyfile(folder / "gpt2-124M" / name, f"{cached}.tmp")
-            os.replace(f"{cached}.tmp", cached)
+            with replaced(str(cached)) as tmp:
+                shutil.copyfile(folder / "gpt2-124M" / name, tmp)
 
 
 def use_real_data():
@@ -65,9 +65,9 @@ def use_real_data():
         try:
             fetch_data(cache, os.environ.get("GPT2_DATA_MIRROR"))
         except Exception as e:
-            pytest.exit(f"the tests read real data that {folder} lacks ({', '.join(missing(folder)[:3])}, ...) and "
-                        f"fetching it into {cache} failed ({' '.join(str(e).split())[:200]}): connect to the internet "
-                        "once, or set GPT2_DATA to a folder that holds it", returncode=1)
+            sys.exit(f"error: the tests read real data that {folder} lacks ({', '.join(missing(folder)[:3])}, ...) "
+                     f"and fetching it into {cache} failed ({' '.join(str(e).split())[:200]}): connect to the "
+                     "internet once, or set GPT2_DATA to a folder that holds it")
         folder = cache
     os.environ["GPT2_DATA"] = str(folder)
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(folder / "tiktoken-cache"))  # tiktoken's gpt2 files, offline

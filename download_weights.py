@@ -17,7 +17,7 @@ import os
 import shutil
 
 from common import (MODELS_DIR, add_overwrite_arg, argument_parser, check_out_files, download, load_model, model_path,
-                    run, write_json)
+                    replaced, run, write_json)
 from gpt2 import GPT, HF_CONFIG, size_name
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
@@ -47,12 +47,12 @@ def write_hf(model, folder, tokenizer_from=None):
     tensors = {name: (p.t() if name.endswith(GPT.CONV1D) else p).contiguous()  # (out, in) -> transformers' (in, out)
                for name, p in model.state_dict().items() if name != "lm_head.weight"}  # tied to wte: stored once
     path = os.path.join(folder, "model.safetensors")
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    with replaced(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     for ours, theirs in TOKENIZER_FILES.items():
         if tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, ours)):
-            shutil.copyfile(os.path.join(tokenizer_from, ours), os.path.join(folder, theirs) + ".tmp")
-            os.replace(os.path.join(folder, theirs) + ".tmp", os.path.join(folder, theirs))
+            with replaced(os.path.join(folder, theirs)) as tmp:
+                shutil.copyfile(os.path.join(tokenizer_from, ours), tmp)
     c = model.config
     write_json({**HF_CONFIG, "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
                 "n_positions": c.n_ctx, "n_ctx": c.n_ctx,  # n_ctx: what llama.cpp's converter reads

@@ -351,7 +351,8 @@ def fine_tune(args, ckpt, messages, tokenizer, device, amp):
     best = load_classifier(checkpoint_path).to(device)
     with torch.no_grad(), amp[0]:
         report = {name: measure(best, examples, args.batch_size, pad, device) for name, examples in data.items()}
-    best_step = torch.load(checkpoint_path, weights_only=True, mmap=True)["step"]
+    history = progress["history"]
+    best_step = history["step"][history["val"].index(min(history["val"]))]  # (the first of the lowest is kept)
     print(f"best step {best_step} (epoch {best_step / steps_per_epoch:.1f}), saved in {checkpoint_path}")
     print_report(report)
     # all of the run, from the split to the plot; CPU time adds up every thread's

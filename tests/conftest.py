@@ -62,6 +62,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def reply(handler, body, status=200, content_type="application/octet-stream"):
+    """Answer the request an HTTP handler holds with body (bytes) and status."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @pytest.fixture
 def serve():
     """serve(handler, **attributes) starts an HTTP server on 127.0.0.1 with those attributes and
@@ -99,15 +108,15 @@ def snapshot(folder):
 
 
 def stop_then_resume(script, args, straight, stopped, cwd=ROOT):
-    """Run `script args` into the out-dir straight, then again into stopped, Ctrl-C'd once its first ckpt.pt
-    appears (at the first evaluation after step 0) and resumed with --resume -> (the two final ckpt.pt, the
-    step it stopped at, its stdout)."""
+    """Run `script args` into the out-dir straight, then again into stopped, Ctrl-C'd once its first best model
+    is saved (at the evaluation of step 0, or of the first step --eval-interval gives) and resumed with --resume
+    -> (the two final ckpt.pt, the step it stopped at, its stdout)."""
     run = [sys.executable, str(ROOT / script), *map(str, args)]
     r = subprocess.run([*run, "--out-dir", straight], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     p = subprocess.Popen([*run, "--out-dir", stopped], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (Path(cwd) / stopped / "ckpt.pt").exists() and p.poll() is None and time.time() < deadline:
+    while not list((Path(cwd) / stopped).glob("*.pt")) and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=120)

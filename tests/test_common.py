@@ -1,9 +1,15 @@
 """common.py: what the scripts share."""
 
+import platform
+import re
+
+import pytest
+import torch
+
 import common
 from common import openai_tokenizer
 from gpt2 import Tokenizer
-from tests.conftest import DATA, OPENAI_124M
+from tests.conftest import DATA, OPENAI_124M, run_script, tiny_model, train_args, train_load, train_verdict
 
 
 def test_tokenizer_from_openai_files_equals_tiktoken():
@@ -30,3 +36,114 @@ def test_plot_of_single_points_is_not_blank(tmp_path):
 
 
 
+# -----------------------------------------------------------------------------
+# The number format, the optimizer and the order of the examples.
+
+
+def test_bfloat16_only_where_the_device_computes_it(monkeypatch):
+    monkeypatch.setattr(common, "native_bf16", lambda device_type: True)
+    autocast, scaler = common.precision("bfloat16", "cpu")
+    assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16 and scaler is None
+    monkeypatch.setattr(common, "native_bf16", lambda device_type: False)
+    with pytest.raises(common.UserError, match="this CPU does not compute bfloat16 natively .* use --dtype float32"):
+        common.precision("bfloat16", "cpu")
+    with pytest.raises(common.UserError, match="--dtype float16 is for GPUs"):
+        common.precision("float16", "cpu")
+
+
+def test_native_bfloat16_is_the_cpu_flag():
+    """On Linux, the answer agrees with the flags the kernel lists for this CPU (AMX or AVX-512 BF16 on x86)."""
+    flags = open("/proc/cpuinfo").read().split()
+    if platform.machine() == "x86_64":
+        assert common.native_bf16("cpu") == ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def test_float32_says_once_when_bfloat16_would_be_faster(tmp_path, monkeypatch, run_main):
+    monkeypatch.setattr(common, "native_bf16", lambda device_type: True)
+    r = run_main("train.py", *train_args(train_verdict(tmp_path), tmp_path / "o", "--max-iters", 1))
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
+    assert notes == ["note: this CPU computes bfloat16 natively: --dtype bfloat16 trains about "
+                     f"{common.BF16_SPEEDUP} faster (bench.py)"] and r.stdout.startswith("note:")
+    r = run_main("train.py", *train_args(tmp_path / "the-verdict.txt", tmp_path / "b", "--max-iters", 1, "--dtype",
+                                         "bfloat16"))
+    assert r.returncode == 0 and "note:" not in r.stdout, r.stderr
+
+
+def test_bfloat16_training_learns_and_keeps_float32_weights(tmp_path, monkeypatch, run_main):
+    """A bfloat16 run (the autocast works on any CPU, only slower without native support): the weights,
+    AdamW's state and the checkpoints stay float32, the loss falls as in float32, and the run is recorded."""
+    monkeypatch.setattr(common, "native_bf16", lambda device_type: True)
+    data = train_verdict(tmp_path)
+    args = ["--max-iters", 30, "--batch-size", 4, "--lr", "3e-3", "--eval-interval", 30, "--dropout", 0]
+    for dtype in ("float32", "bfloat16"):
+        assert run_main("train.py", *train_args(data, tmp_path / dtype, *args, "--dtype", dtype)).returncode == 0
+    f32, bf16 = (train_load(tmp_path / dtype / "ckpt.pt") for dtype in ("float32", "bfloat16"))
+    assert bf16["args"]["dtype"] == "bfloat16" and all(t.dtype == torch.float32 for t in bf16["model"].values())
+    assert all(t.dtype == torch.float32 for s in bf16["optimizer"]["state"].values() for t in s.values() if t.dim())
+    assert bf16["history"]["val"][-1] < bf16["history"]["val"][0] - 1.0
+    assert abs(bf16["history"]["val"][-1] - f32["history"]["val"][-1]) < 0.1
+
+
+def test_adamw_is_fused_where_torch_has_it():
+    model = tiny_model()
+    optimizer = common.configure_optimizer(model, 1e-3, 0.1)
+    assert optimizer.defaults["fused"] is True
+    decayed, plain = optimizer.param_groups  # matrices decay; biases and layer norms do not
+    assert all(p.dim() == 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert not common.configure_optimizer(model, 1e-3, 0.1, fused=False).defaults["fused"]
+
+
+def test_each_epoch_trains_on_every_item_once_in_its_own_order():
+    n, batch = 23, 4  # 5 steps an epoch: 3 of the 23 items wait for another epoch
+    epochs = [[i for step in range(e * 5, e * 5 + 5) for i in common.step_items(n, step, batch, seed=9)] for e in range(3)]
+    for items in epochs:
+        assert len(items) == len(set(items)) == 20 and set(items) <= set(range(n))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert common.step_items(n, 7, batch, seed=9) == epochs[1][8:12]  # the same step gives the same items
+    assert common.step_items(n, 7, batch, seed=10) != epochs[1][8:12]
+
+
+# -----------------------------------------------------------------------------
+# Errors.
+
+
+def test_tracebacks_on_request(tmp_path):
+    """A bad file is one line; GPT2_DEBUG=1 shows the whole traceback instead, for whoever changes the code."""
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    r = run_script("sample.py", "--model", tmp_path / "junk.pt")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+    r = run_script("sample.py", "--model", tmp_path / "junk.pt", env={"GPT2_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+    assert "ValueError: " in r.stderr and "is not a checkpoint of this project" in r.stderr
+
+
+def test_messages_from_anywhere_are_one_line(capsys):
+    """Whatever an error holds (a server's HTML page, a library's lines), the script prints one line."""
+    def main():
+        raise ValueError("<html>\n  <body>\n   <h1>502 Bad Gateway</h1>\n  </body>\n</html>\n" + "x" * 2000)
+
+    with pytest.raises(SystemExit) as exit_:
+        common.run(main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and err.startswith("error: <html> <body> <h1>502 Bad Gateway")
+    assert len(err) < 600
+
+
+def test_the_training_scripts_share_their_flags():
+    """--help of train.py, finetune_spam.py and finetune_instruct.py: the same flags, each with its default."""
+    shared = ["--out-dir", "--overwrite", "--resume", "--max-iters", "--epochs", "--batch-size", "--grad-accum",
+              "--context-length", "--lr", "--min-lr", "--warmup-iters", "--weight-decay", "--grad-clip",
+              "--eval-interval", "--eval-batches", "--device", "--dtype", "--compile", "--seed", "--init-from",
+              "--n-layer", "--n-head", "--n-embd", "--dropout"]
+    for script in ("train.py", "finetune_spam.py", "finetune_instruct.py"):
+        r = run_script(script, "--help")
+        assert r.returncode == 0 and "(default: " in r.stdout, script
+        flags = set(re.findall(r"^  (--[a-z-]+)", r.stdout, re.M))
+        assert set(shared) <= flags, (script, set(shared) - flags)
+        assert not {"--out", "--max-steps", "--max-length"} & flags  # old names: hidden, one line each
+    for script in ("sample.py", "download_weights.py", "explore.py", "bench.py"):
+        r = run_script(script, "--help")
+        assert r.returncode == 0 and "(default: " in r.stdout, script

@@ -130,12 +130,16 @@ def test_dl_interrupted_transfer_resumes_with_range(dl_server, dl_no_wait, tmp_p
     assert not list(tmp_path.rglob("*.part"))
 
 
+def half_then_whole(dl_server, tmp_path):
+    """A 300 kB file that the server sends only half of the first time -> (its bytes, where it goes)."""
+    body = os.urandom(300_000)
+    dl_server.files, dl_server.cut_once = {"/f": body}, {"/f"}
+    return body, str(tmp_path / "f")
+
+
 def test_dl_cut_then_next_run_resumes(dl_server, dl_no_wait, tmp_path):
     """A run that gives up leaves its .part; the next run fetches only the missing bytes."""
-    body = os.urandom(300_000)
-    dl_server.files = {"/f": body}
-    dl_server.cut_once = {"/f"}
-    dest = str(tmp_path / "f")
+    body, dest = half_then_whole(dl_server, tmp_path)
     with pytest.raises(UserError, match="run again"):
         download(dl_server.url + "/f", dest, size=len(body), retries=1)
     kept = os.path.getsize(dest + ".part")
@@ -146,19 +150,15 @@ def test_dl_cut_then_next_run_resumes(dl_server, dl_no_wait, tmp_path):
 
 
 def test_dl_server_ignoring_range_starts_over(dl_server, dl_no_wait, tmp_path):
-    body = os.urandom(300_000)
-    dl_server.files, dl_server.cut_once, dl_server.ignore_range = {"/f": body}, {"/f"}, True
-    dest = str(tmp_path / "f")
+    body, dest = half_then_whole(dl_server, tmp_path)
+    dl_server.ignore_range = True
     download(dl_server.url + "/f", dest)  # no size given: the server's Content-Length is checked
     assert Path(dest).read_bytes() == body
     assert len(dl_server.requests) == 2 and dl_server.requests[1][1].startswith("bytes=")  # asked, got 200
 
 
 def test_dl_unknown_size_checked_against_content_length(dl_server, dl_no_wait, tmp_path):
-    body = os.urandom(300_000)
-    dl_server.files = {"/f": body}
-    dl_server.cut_once = {"/f"}
-    dest = str(tmp_path / "f")
+    _, dest = half_then_whole(dl_server, tmp_path)
     with pytest.raises(UserError, match="could not download"):
         download(dl_server.url + "/f", dest, retries=1)
     assert not os.path.exists(dest)

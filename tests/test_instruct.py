@@ -9,7 +9,8 @@ import torch
 from common import configure_optimizer, format_prompt
 from finetune_instruct import IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, load_entries, merge_lora, split
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.conftest import EOT, INSTRUCT_DATA, INSTRUCT_TINY, free_port, one_line_error, run_script, tiny_model
+from tests.conftest import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, assert_bitwise_equal, free_port, one_line_error, run_script,
+                            reply, stop_then_resume, tiny_model)
 
 
 
@@ -232,16 +233,11 @@ class InstructFakeOllama(BaseHTTPRequestHandler):
         server = self.server
         server.requests.append((self.path, body))
         if body["model"] != server.model:
-            status, reply = 404, {"error": f"model '{body['model']}' not found"}
+            status, answer = 404, {"error": f"model '{body['model']}' not found"}
         else:
-            status, reply = 200, {"model": server.model, "message": {"role": "assistant", "content": server.replies.pop(0)},
-                                  "done": True}
-        data = json.dumps(reply).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+            status, answer = 200, {"model": server.model, "done": True,
+                                   "message": {"role": "assistant", "content": server.replies.pop(0)}}
+        reply(self, json.dumps(answer).encode(), status, "application/json")
 
     def log_message(self, *args):
         pass
@@ -321,17 +317,10 @@ def test_instruct_judge_says_when_the_server_is_unreachable(tmp_path):
     assert f"cannot reach Ollama at http://127.0.0.1:{port}: start it with `ollama serve`" in r.stderr
 
 
-# =============================================================================
-
-
 class NullContentOllama(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        data = json.dumps({"message": {"role": "assistant", "content": None}, "done": True}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply(self, json.dumps({"message": {"role": "assistant", "content": None}, "done": True}).encode())
 
     def log_message(self, *args):
         pass
@@ -343,3 +332,16 @@ def test_bad_judge_reply_without_content(tmp_path, serve):
     line = one_line_error(instruct_judge(path, serve(NullContentOllama)))
     assert "did not answer with Ollama's chat JSON" in line
     assert path.read_bytes() == before
+
+
+def test_instruct_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
+    """LoRA, Ctrl-C after the first checkpoint, then --resume: the weights (LoRA's matrices and the
+    frozen ones), AdamW's state and the history of a run never stopped, bit for bit; the same answers."""
+    args = [*INSTRUCT_TINY, "--lora-rank", 4, "--mask-prompt", "--context-length", 128, "--max-iters", 120,
+            "--eval-interval", 5, "--dropout", 0.1]
+    a, b, stopped_at, stdout = stop_then_resume("finetune_instruct.py", args, "straight", "stopped", cwd=tmp_path)
+    assert 1 <= stopped_at < 120 and "python finetune_instruct.py --resume --out-dir stopped continues" in stdout
+    assert a["step"] == 120 and any(k.endswith(".A") for k in a["model"])
+    assert_bitwise_equal(a, b)
+    responses = [json.loads((tmp_path / run / "responses.json").read_text()) for run in ("straight", "stopped")]
+    assert responses[0] == responses[1]

@@ -10,7 +10,8 @@ import torch
 import common
 import finetune_spam as fs
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.conftest import EOT, SPAM_DATA, SPAM_TINY, one_line_error, run_script, spam_sample
+from tests.conftest import (EOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script, spam_sample,
+                            stop_then_resume)
 
 
 
@@ -212,3 +213,17 @@ def test_bad_spam_data_too_small_to_split(tmp_path, run_main):
                                      "--split-dir", tmp_path / "s"))
     assert "2 balanced messages (1 spam) are too few to split" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
+def test_spam_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
+    """Ctrl-C after the first checkpoint, then --resume: the classifier, AdamW's state and the history of
+    a run never stopped, bit for bit (dropout on: the random state is restored too)."""
+    spam_sample(tmp_path)
+    args = ["--data", "sample.tsv", "--split-dir", "split", "--max-iters", 150, "--eval-interval", 5,
+            "--eval-batches", 1, "--lr", "1e-3", "--dropout", 0.1, "--trainable-blocks", "all", *SPAM_TINY]
+    a, b, stopped_at, stdout = stop_then_resume("finetune_spam.py", args, "straight", "stopped", cwd=tmp_path)
+    assert 1 <= stopped_at < 150 and "python finetune_spam.py --resume --out-dir stopped continues" in stdout
+    assert a["step"] == 150
+    assert_bitwise_equal(a, b)
+    best = [torch.load(tmp_path / run / "classifier.pt", weights_only=True) for run in ("straight", "stopped")]
+    assert best[0]["step"] == best[1]["step"] and all(torch.equal(v, best[1]["model"][k]) for k, v in best[0]["model"].items())
