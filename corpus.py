@@ -4,18 +4,26 @@ ids beside it (<data>.tokens/: shard_00000.bin, ... and manifest.json), then rea
 The text is read in pieces of about CHUNK_CHARS characters, cut only where GPT-2's pre-tokenizer never joins
 across (the tokens are exactly tiktoken's of each whole file), and encoded by worker processes (one per core),
 as build-nanogpt's fineweb.py does. manifest.json records each file's size and modification time: a changed
-or added file is tokenized again from it on, the files before it are kept.
+or added file is tokenized again from it on, the files before it are kept. Links to files are read; links to
+folders are not followed (one that points back up would read the same files again and again).
+
+Several processes may share a cache (two runs, torchrun's ranks): one prepares it at a time, under a lock
+(<data>.tokens.lock), into new files renamed into place only when whole, so a run reading the cache never
+sees a shard change under it. A damaged cache (a manifest that does not describe its shards) is rebuilt.
 
     python train.py --data corpus/ --prepare-only     # prepare the cache of corpus/, print its tokens, exit
 """
 
 import bisect
+import contextlib
 import json
+import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from glob import glob
 
 import numpy as np
@@ -23,17 +31,32 @@ from tqdm import tqdm
 
 from common import UserError, write_json
 
+try:
+    import fcntl  # the lock, on Linux and macOS
+except ImportError:  # Windows
+    import msvcrt
+
+    fcntl = None
+
 CHUNK_CHARS = 1 << 20  # characters read and encoded at a time: preparation holds a few pieces per worker
 WORKERS = os.cpu_count() or 1  # processes that tokenize
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB of uint16), as build-nanogpt's FineWeb shards
 
 
 def text_files(path):
-    """A text file, or the .txt files anywhere under a folder, sorted by path."""
+    """A text file, or the .txt files anywhere under a folder, sorted by path (see the module's docstring on links)."""
     if os.path.isdir(path):
-        files = sorted(glob(os.path.join(path, "**", "*.txt"), recursive=True))
+        walk = list(os.walk(path))  # os.walk does not follow links to folders
+        files = sorted(os.path.join(folder, name) for folder, _, names in walk for name in names if name.endswith(".txt"))
         if not files:
             raise UserError(f"no .txt files in {path}: --data takes a text file or a folder of .txt files")
+        for f in files:
+            if not os.path.isfile(f):
+                raise UserError(f"{f} is a link to nothing: remove it, or point it at a text file")
+        links = [os.path.join(folder, d) for folder, dirs, _ in walk for d in dirs if os.path.islink(os.path.join(folder, d))]
+        if links:
+            print(f"links to folders are not followed: {', '.join(links[:3])}" + (", ..." if len(links) > 3 else ""),
+                  file=sys.stderr)
         return files
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: --data takes a text file or a folder of .txt files")
@@ -70,13 +93,25 @@ def read_pieces(files):
             raise UserError(f"{f} is not UTF-8 text ({e.reason}): convert it to UTF-8") from None
 
 
+# -----------------------------------------------------------------------------
+# Encoding in worker processes.
+
 worker_tokenizer = None  # in a worker process: the tokenizer it encodes with
 
 
-def start_worker(tokenizer):
+def start_worker(tokenizer, parent):
     global worker_tokenizer
     worker_tokenizer = tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which then ends the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's Pool.terminate(): end at once, quietly
+    threading.Thread(target=end_with, args=(parent,), daemon=True).start()
+
+
+def end_with(parent):
+    """A worker's watch: once its parent is gone (killed with SIGKILL, say) it ends too, not working on alone."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def encode_piece(text, tokenizer=None):
@@ -89,62 +124,77 @@ def encode_in_order(tokenizer, pieces, workers):
     """(tag, encode_piece(text)) for each (tag, text) of pieces, in order. With workers > 1 that many
     processes encode, each a piece at a time, and at most 2 x workers pieces are read ahead (threads,
     though tiktoken lets go of the GIL, scaled half as well: 16 reached 4x one, 16 processes 9x);
-    with 1, this process encodes."""
+    with 1, this process encodes. The workers end with the pool, however it ends (an error, Ctrl-C, SIGTERM)."""
     if workers == 1:
         for tag, text in pieces:
             yield tag, encode_piece(text, tokenizer)
         return
-    with ProcessPoolExecutor(workers, initializer=start_worker, initargs=(tokenizer,)) as pool:
+    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(tokenizer, os.getpid())) as pool:
         pending = deque()
         for tag, text in pieces:
-            pending.append((tag, pool.submit(encode_piece, text)))
+            pending.append((tag, pool.apply_async(encode_piece, (text,))))
             if len(pending) > 2 * workers:
-                tag, future = pending.popleft()
-                yield tag, future.result()
-        for tag, future in pending:
-            yield tag, future.result()
+                tag, result = pending.popleft()
+                yield tag, result.get()
+        for tag, result in pending:
+            yield tag, result.get()
+
+
+# -----------------------------------------------------------------------------
+# The cache: shards of ids, the manifest that describes them, and the lock.
 
 
 def shard_path(cache, i):
     return os.path.join(cache, f"shard_{i:05d}.bin")
 
 
-class ShardWriter:
-    """Appends token ids to a cache's shards, SHARD_TOKENS to a file; `sizes`: the tokens in the shards kept."""
+@contextlib.contextmanager
+def cache_lock(cache, exclusive):
+    """Hold <cache>.lock: shared while a process reads the manifest and maps the shards, exclusive while
+    one prepares them. The system releases it when the process ends, however it ends."""
+    try:
+        f = open(cache + ".lock", "a+")
+    except OSError as e:
+        if exclusive:
+            raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder you can "
+                            "write") from None
+        yield  # a cache in a folder that cannot be written cannot be prepared either: nothing to wait for
+        return
+    with f:
+        if fcntl:
+            try:
+                fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process to finish preparing {cache}", file=sys.stderr)
+                fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        else:
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # (exclusive only: readers wait for each other too)
+        yield
 
-    def __init__(self, cache, sizes):
-        self.cache, self.sizes = cache, sizes
 
-    def write(self, ids):
-        while len(ids):
-            new = not self.sizes or self.sizes[-1] >= SHARD_TOKENS
-            if new:
-                self.sizes.append(0)
-            n = min(len(ids), SHARD_TOKENS - self.sizes[-1])
-            with open(shard_path(self.cache, len(self.sizes) - 1), "wb" if new else "ab") as f:
-                ids[:n].tofile(f)
-            self.sizes[-1] += n
-            ids = ids[n:]
-
-
-class Tokens:
-    """The ids in a cache's shards as one sequence, memory-mapped: tokens[a:b] reads just those from disk."""
-
-    def __init__(self, cache, sizes):
-        self.shards = [np.memmap(shard_path(cache, i), dtype=np.uint16, mode="r", shape=(n,)) for i, n in enumerate(sizes)]
-        self.starts = np.cumsum([0, *sizes]).tolist()  # where each shard begins in the sequence
-
-    def __len__(self):
-        return self.starts[-1]
-
-    def __getitem__(self, s):
-        begin, end, _ = s.indices(len(self))
-        parts, i = [], bisect.bisect_right(self.starts, begin) - 1
-        while begin < end:  # a window may run over from one shard into the next
-            take = min(end, self.starts[i + 1])
-            parts.append(self.shards[i][begin - self.starts[i]:take - self.starts[i]])
-            begin, i = take, i + 1
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+def read_manifest(cache):
+    """-> (the cache's manifest if it is there and describes the shards as they are, else None; what is wrong
+    with it, for a damaged cache: a valid JSON of the wrong shape, a shard missing or cut short)."""
+    path = os.path.join(cache, "manifest.json")
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files, shards = manifest["files"], manifest["shards"]
+        if not (isinstance(manifest["separator"], bool) and isinstance(files, list) and isinstance(shards, list)):
+            raise TypeError("separator, files or shards of the wrong kind")
+        for f in files:
+            if not (isinstance(f["path"], str) and all(type(f[k]) is int for k in ("bytes", "mtime_ns", "tokens"))):
+                raise TypeError(f"the entry {str(f)[:60]}")
+        if not all(type(n) is int and n >= 0 for n in shards) or sum(shards) != sum(f["tokens"] for f in files):
+            raise ValueError("the shards' sizes do not add up to the files' tokens")
+        for i, n in enumerate(shards):
+            if os.path.getsize(shard_path(cache, i)) != 2 * n:
+                raise ValueError(f"{shard_path(cache, i)} does not hold the {n:,} ids it should")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"the token cache {cache} is damaged ({' '.join(str(e).split())[:150]}): tokenizing again"
+    return manifest, None
 
 
 def unchanged_files(manifest, sources):
@@ -159,9 +209,47 @@ def unchanged_files(manifest, sources):
     return n
 
 
+class ShardWriter:
+    """Appends token ids to new shard files (temporary names until replace_shards), SHARD_TOKENS to a
+    file, after the tokens of the shards kept: sizes, of which the last may be only partly kept."""
+
+    def __init__(self, cache, sizes):
+        self.cache, self.sizes, self.written = cache, sizes, []
+        if sizes and sizes[-1] < SHARD_TOKENS:  # the last shard kept only in part: copied, then added to
+            self.start(len(sizes) - 1)
+            np.memmap(shard_path(cache, len(sizes) - 1), dtype=np.uint16, mode="r", shape=(sizes[-1],)).tofile(
+                self.temporary(len(sizes) - 1))
+
+    def temporary(self, i):
+        return f"{shard_path(self.cache, i)}.{os.getpid()}.tmp"
+
+    def start(self, i):
+        self.written.append(i)
+        open(self.temporary(i), "wb").close()
+
+    def write(self, ids):
+        while len(ids):
+            if not self.sizes or self.sizes[-1] >= SHARD_TOKENS:
+                self.sizes.append(0)
+                self.start(len(self.sizes) - 1)
+            n = min(len(ids), SHARD_TOKENS - self.sizes[-1])
+            with open(self.temporary(len(self.sizes) - 1), "ab") as f:
+                ids[:n].tofile(f)
+            self.sizes[-1] += n
+            ids = ids[n:]
+
+    def replace_shards(self):
+        """Every shard written, renamed into place (a run that has the old one mapped keeps reading it)."""
+        for i in self.written:
+            os.replace(self.temporary(i), shard_path(self.cache, i))
+        for stale in set(glob(os.path.join(self.cache, "shard_*.bin"))) - {
+                shard_path(self.cache, i) for i in range(len(self.sizes))}:
+            os.remove(stale)  # a shard of an earlier, longer corpus
+
+
 def prepare(files, sources, cache, old, keep, tokenizer, workers):
-    """Tokenize files[keep:] into the cache's shards after the tokens of files[:keep] (recorded in the old
-    manifest), then write the manifest -> the manifest."""
+    """Tokenize files[keep:] into new shards after the tokens of files[:keep] (recorded in the old manifest),
+    then put them and the manifest in place -> the manifest. Called under the cache's exclusive lock."""
     counts = [f["tokens"] for f in old["files"][:keep]] if keep else []  # each file's tokens
     kept, sizes = sum(counts), []
     for n in old["shards"] if keep else []:  # the shards holding the kept tokens, the last one cut to them
@@ -170,15 +258,14 @@ def prepare(files, sources, cache, old, keep, tokenizer, workers):
         sizes.append(min(n, kept - sum(sizes)))
     try:
         os.makedirs(cache, exist_ok=True)
-        if os.path.exists(os.path.join(cache, "manifest.json")):
-            os.remove(os.path.join(cache, "manifest.json"))  # shards without a manifest are never trusted
-        if sizes:
-            os.truncate(shard_path(cache, len(sizes) - 1), 2 * sizes[-1])
+        for stale in glob(os.path.join(cache, "*.tmp")):
+            os.remove(stale)  # from a preparation that was killed
+        writer = ShardWriter(cache, sizes)
     except OSError as e:
         raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder you can write") from None
 
     counts += [0] * (len(files) - keep)
-    writer, eot = ShardWriter(cache, sizes), np.array([tokenizer.eot_id], dtype=np.uint16)
+    eot = np.array([tokenizer.eot_id], dtype=np.uint16)
     t0, total = time.time(), sum(f["bytes"] for f in sources["files"][keep:])
     workers = min(workers, 1 + total // CHUNK_CHARS)  # no more than there are pieces: one file of 20 kB needs none
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", delay=1) as bar:
@@ -189,15 +276,42 @@ def prepare(files, sources, cache, old, keep, tokenizer, workers):
                 writer.write(eot)
                 counts[keep + n] += 1
             bar.update(size)
-    for stale in set(glob(os.path.join(cache, "shard_*.bin"))) - {shard_path(cache, i) for i in range(len(writer.sizes))}:
-        os.remove(stale)  # a shard of an earlier, longer corpus
     manifest = {**sources, "files": [{**f, "tokens": c} for f, c in zip(sources["files"], counts)],
                 "shards": writer.sizes, "tokens": sum(counts)}
+    if os.path.exists(os.path.join(cache, "manifest.json")):
+        os.remove(os.path.join(cache, "manifest.json"))  # shards without a manifest are never trusted
+    writer.replace_shards()
     write_json(manifest, os.path.join(cache, "manifest.json"))
     dt, new = time.time() - t0, sum(counts) - kept
     print(f"tokenized {len(files) - keep} of {len(files)} file(s), {total / 1e6:,.1f} MB, into {new:,} tokens in {dt:.1f} s "
           f"({new / max(dt, 1e-9):,.0f} tokens/s, {workers} worker(s)): {cache}")
     return manifest
+
+
+class Tokens:
+    """The ids in a cache's shards as one sequence, memory-mapped: tokens[a:b] reads just those from disk,
+    each id checked against the vocabulary (a bit flipped on disk names its shard)."""
+
+    def __init__(self, cache, sizes, vocab_size):
+        self.cache, self.vocab_size = cache, vocab_size
+        self.shards = [np.memmap(shard_path(cache, i), dtype=np.uint16, mode="r", shape=(n,)) for i, n in enumerate(sizes)]
+        self.starts = np.cumsum([0, *sizes]).tolist()  # where each shard begins in the sequence
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def __getitem__(self, s):
+        begin, end, _ = s.indices(len(self))
+        parts, i = [], bisect.bisect_right(self.starts, begin) - 1
+        while begin < end:  # a window may run over from one shard into the next
+            take = min(end, self.starts[i + 1])
+            parts.append(self.shards[i][begin - self.starts[i]:take - self.starts[i]])
+            if parts[-1].max() >= self.vocab_size:
+                raise UserError(f"{shard_path(self.cache, i)} holds the id {parts[-1].max()}, past the vocabulary's "
+                                f"{self.vocab_size:,}: the token cache is damaged; delete {self.cache} and run again "
+                                "(it is rebuilt)")
+            begin, i = take, i + 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
 def load_tokens(path, tokenizer, workers=WORKERS):
@@ -209,12 +323,14 @@ def load_tokens(path, tokenizer, workers=WORKERS):
     stats = [(os.path.relpath(f, root), os.stat(f)) for f in files]
     sources = {"separator": os.path.isdir(path),  # a folder's documents end with <|endoftext|>, a single file does not
                "files": [{"path": p, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in stats]}
-    try:
-        with open(os.path.join(cache, "manifest.json"), encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        manifest = None
-    keep = unchanged_files(manifest, sources)
-    if keep < len(files) or len(manifest["files"]) != len(files):
-        manifest = prepare(files, sources, cache, manifest, keep, tokenizer, workers)
-    return Tokens(cache, manifest["shards"])
+    for exclusive in (False, True):  # a look under a shared lock; if the cache is out of date, prepare it
+        with cache_lock(cache, exclusive):
+            manifest, damage = read_manifest(cache)  # (again under the exclusive lock: another process may
+            keep = unchanged_files(manifest, sources)  # have prepared it meanwhile)
+            if manifest and keep == len(files) == len(manifest["files"]):
+                return Tokens(cache, manifest["shards"], tokenizer.enc.n_vocab)
+            if exclusive:
+                if damage:
+                    print(damage, file=sys.stderr)
+                manifest = prepare(files, sources, cache, manifest, keep, tokenizer, workers)
+                return Tokens(cache, manifest["shards"], tokenizer.enc.n_vocab)

@@ -191,10 +191,10 @@ def respond(model, tokenizer, entries, max_new_tokens):
 def finetune(args, ckpt):
     device = pick_device(args.device)
     amp = precision(args.dtype, device)
+    model = build_model(args, ckpt).to(device).train()  # before the data: what it refuses is said first
     path = ensure_file(args.data, DATA_URL) if args.data == DATA else args.data
     train_set, val_set, test_set = split(load_entries(path))
     print(f"{path}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
-    model = build_model(args, ckpt).to(device).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
@@ -268,7 +268,8 @@ def ask_ollama(url, model, messages, seed):
         reply = r.json()
     except ValueError:
         reply = {}
-    error = reply.get("error", r.text[:200]) if isinstance(reply, dict) else r.text[:200]
+    page = " ".join(re.sub(r"<[^>]*>", " ", r.text).split())[:200]  # an HTML error page, as one line of its text
+    error = reply.get("error", page) if isinstance(reply, dict) else page
     if r.status_code == 404 and "not found" in str(error) and "model" in str(error):
         raise UserError(f"Ollama at {url} has no model {model!r} ({error}): run `ollama pull {model}`, "
                         "or pass --judge-model")
@@ -305,6 +306,8 @@ def judge(entry, url, model, seed):
 
 
 def score_responses(args):
+    """Score every entry of the responses file; an entry the judge gives no score keeps the one it had (an
+    earlier run's, or null), and a run that gives no score at all leaves the file as it was."""
     entries = load_entries(args.judge, required=("instruction", "output", "model_response"))
     scores = []
     for i, entry in enumerate(tqdm(entries, desc=f"judging with {args.judge_model}")):
@@ -314,15 +317,17 @@ def score_responses(args):
                        f"{1 + JUDGE_RETRIES} tries: counted as failed")
         else:
             tqdm.write(f"entry {i}: score {score}")
-        entry["score"] = score
         scores.append(score)
-    write_json(entries, args.judge)
     valid = [s for s in scores if s is not None]
     failed = len(scores) - len(valid)
     if not valid:
-        raise UserError(f"the judge gave no score to any of the {len(scores)} entries; scores stay null in {args.judge}")
+        raise UserError(f"the judge gave no score to any of the {len(scores)} entries: {args.judge} is left as it was")
+    for entry, score in zip(entries, scores):
+        entry["score"] = score if score is not None else entry.get("score")
+    write_json(entries, args.judge)
     print(f"mean score {sum(valid) / len(valid):.2f} over {len(valid)} entries"
-          + (f" ({failed} failed, not counted)" if failed else "") + f"; scores written to {args.judge}")
+          + (f" ({failed} failed, not counted; they keep their earlier score)" if failed else "")
+          + f"; scores written to {args.judge}")
 
 
 def main():

@@ -14,6 +14,7 @@ is kept (--patience stops early after that many evaluations without a lower one)
 """
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -88,6 +89,7 @@ def write_split(split, folder, seed):
             f.writelines(f"{label}\t{text}\n" for label, text in messages)
 
 
+@functools.lru_cache(maxsize=1)  # (once for all the seeds of a sweep)
 def load_data(path):
     """The collection at path; the default path is downloaded (and unzipped) when missing."""
     if not os.path.isfile(path):
@@ -287,12 +289,11 @@ def main():
     device = pick_device(args.device)
     amp = precision(args.dtype, device)
     tokenizer = load_tokenizer(args.init_from)
-    messages = load_data(args.data)
     reports = {}
     for n, (seed, (seed_args, ckpt)) in enumerate(runs.items(), 1):
         if args.seeds:
             print(f"\n=== seed {seed} ({n} of {len(runs)}) -> {seed_args.out_dir}")
-        reports[seed] = fine_tune(seed_args, ckpt, messages, tokenizer, device, amp)
+        reports[seed] = fine_tune(seed_args, ckpt, tokenizer, device, amp)
         if reports[seed] is None:  # Ctrl-C: saved, the sweep stops here
             sys.exit(130)
     if args.seeds:
@@ -302,16 +303,20 @@ def main():
         print_summary(summary)
 
 
-def fine_tune(args, ckpt, messages, tokenizer, device, amp):
-    """Split with args.seed, fine-tune, keep the step of lowest validation loss; -> its report, None if stopped."""
+def fine_tune(args, ckpt, tokenizer, device, amp):
+    """Split with args.seed, fine-tune, keep the step of lowest validation loss; -> its report, None if stopped.
+    Every check of the flags and the model comes before the first file is written (the data downloaded, the
+    split files replaced)."""
     start, start_cpu = time.time(), time.process_time()
     metrics_path = os.path.join(args.out_dir, "metrics.json")
     if ckpt and os.path.isfile(metrics_path):  # (a sweep's finished seed)
         print(f"{metrics_path}: finished already")
         with open(metrics_path, encoding="utf-8") as f:
             return json.load(f)
-    split = balanced_split(messages, args.seed)
+    local = os.path.isfile(args.data) or args.data != DATA_FILE  # (checked before the model; writes nothing)
+    messages = load_data(args.data) if local else None
     model = build_classifier(args, ckpt).to(device)
+    split = balanced_split(messages or load_data(args.data), args.seed)  # (the download comes after the checks)
     pad = tokenizer.eot_id
     data = {name: [(encode(tokenizer, text, model.config.n_ctx), LABELS.index(label)) for label, text in ms]
             for name, ms in split.items()}

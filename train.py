@@ -132,6 +132,9 @@ def main():
     master = rank == 0
     amp = precision(args.dtype, device, note=master)
     tokenizer = load_tokenizer(args.init_from)
+    # The model before the data: what it refuses (a longer --context-length than it has, ...) is said before the
+    # data is downloaded or tokenized.
+    raw = None if args.prepare_only else train_layout(build_model(args, ckpt)).to(device).train()
     if not master:
         dist.barrier()  # rank 0 downloads and tokenizes; the others then read its cache
     tokens = load_data(args.data, tokenizer, args.workers)
@@ -142,7 +145,6 @@ def main():
             print(f"{len(tokens):,} tokens")
         return
 
-    raw = train_layout(build_model(args, ckpt)).to(device).train()
     model = torch.compile(raw) if args.compile else raw
     L = raw.config.n_ctx
     if args.eval_only:

@@ -98,7 +98,7 @@ def serve():
 def one_line_error(r, code=1):
     """The single 'error: ...' line of a run that must have failed cleanly."""
     assert r.returncode == code and "Traceback" not in r.stderr, r.stderr[-3000:]
-    lines = [line for line in r.stderr.strip().splitlines() if "%|" not in line]  # less a progress bar before it
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "%|" not in line]  # less progress bars
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
     return lines[0]
 

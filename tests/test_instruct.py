@@ -287,7 +287,7 @@ def test_instruct_judge_retries_a_non_number_then_counts_it_failed_not_zero(tmp_
     assert r.returncode == 0, r.stderr
     assert f"entry 0: the judge's reply 'Great answer!' is not a score after {tries} tries: counted as failed" in r.stdout
     assert "entry 1: score 50" in r.stdout
-    assert "mean score 50.00 over 1 entries (1 failed, not counted)" in r.stdout
+    assert "mean score 50.00 over 1 entries (1 failed, not counted; they keep their earlier score)" in r.stdout
     assert [e["score"] for e in json.loads(path.read_text())] == [None, 50]
     assert len(instruct_ollama.requests) == tries + 2
     retry = instruct_ollama.requests[1][1]["messages"]  # the retry shows the judge its own reply
@@ -296,10 +296,26 @@ def test_instruct_judge_retries_a_non_number_then_counts_it_failed_not_zero(tmp_
 
 def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama):
     path, _ = instruct_responses(tmp_path, 1)
+    before = path.read_bytes()
     instruct_ollama.replies = ["101"] * (1 + JUDGE_RETRIES)  # out of range is not a score either
-    r = instruct_judge(path, instruct_ollama)
-    assert r.returncode == 1 and "the judge gave no score to any of the 1 entries" in r.stderr
-    assert json.loads(path.read_text())[0]["score"] is None
+    line = one_line_error(instruct_judge(path, instruct_ollama))
+    assert f"the judge gave no score to any of the 1 entries: {path} is left as it was" in line
+    assert path.read_bytes() == before
+
+
+def test_bad_a_judge_without_scores_never_erases_earlier_ones(tmp_path, instruct_ollama):
+    """Class 4: scores, then a second run whose judge gives none: the file is byte-identical; a run that scores
+    some entries keeps the earlier score of each entry it could not score."""
+    path, _ = instruct_responses(tmp_path, 2)
+    instruct_ollama.replies = ["85", "40"]
+    assert instruct_judge(path, instruct_ollama).returncode == 0
+    scored = path.read_bytes()
+    instruct_ollama.replies = ["no idea"] * 2 * (1 + JUDGE_RETRIES)
+    line = one_line_error(instruct_judge(path, instruct_ollama))
+    assert "gave no score to any of the 2 entries" in line and path.read_bytes() == scored
+    instruct_ollama.replies = ["90"] + ["no idea"] * (1 + JUDGE_RETRIES)
+    assert instruct_judge(path, instruct_ollama).returncode == 0
+    assert [e["score"] for e in json.loads(path.read_text())] == [90, 40]
 
 
 def test_instruct_judge_names_a_missing_model(tmp_path, instruct_ollama):

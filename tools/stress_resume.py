@@ -27,9 +27,9 @@ TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length",
 
 
 def start(data, out):
-    """Start a tiny training run -> (the process, the time its first ckpt.pt appeared)."""
+    """Start a tiny training run -> (the process, the time its first best.pt appeared: the evaluation of step 0)."""
     p = subprocess.Popen([*TRAIN, "--data", data, "--out-dir", out, *TINY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not Path(f"{out}/ckpt.pt").exists() and p.poll() is None:
+    while not Path(f"{out}/best.pt").exists() and p.poll() is None:
         time.sleep(0.01)
     return p, time.time()
 
@@ -60,7 +60,7 @@ def main():
         for i in range(args.tries):
             out = f"{tmp}/try{i}"
             p, _ = start(data, out)
-            time.sleep(rng.uniform(0.0, 0.6) * tail)  # a random moment after the first checkpoint (the tail ends with a plot)
+            time.sleep(rng.uniform(0.0, 0.6) * tail)  # a random moment after the first evaluation (the tail ends with a plot)
             p.send_signal(signal.SIGINT)
             if p.wait() != 130:
                 print(f"try {i}: finished before the Ctrl-C (exit {p.returncode})")
