@@ -93,10 +93,57 @@ def add_model_args(parser, init_from, dropout=None):
 
 
 def check_size_args(args):
-    """The size flags fit together (heads split the width): checked before any work."""
+    """The size flags fit together (heads split the width) and the new model fits in memory: checked before
+    any work."""
+    if args.init_from != "scratch":
+        return
     n_head, n_embd = args.n_head or GPTConfig.n_head, args.n_embd or GPTConfig.n_embd
-    if args.init_from == "scratch" and n_embd % n_head:
+    if n_embd % n_head:
         raise UserError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head} (the heads split the width)")
+    config = GPTConfig(n_layer=args.n_layer or GPTConfig.n_layer, n_head=n_head, n_embd=n_embd,
+                       n_ctx=args.context_length or GPTConfig.n_ctx)
+    check_memory(4 * parameter_count(config), "cpu", "the new model's weights", "--n-layer, --n-embd or --context-length")
+
+
+def parameter_count(c):
+    """The parameters of a GPT of config c: per block two matrices (E, 3E), (E, E) and two (E, 4E) with their
+    biases and two layer norms, then the embeddings and the last layer norm (the head shares wte)."""
+    return c.n_layer * (12 * c.n_embd**2 + 13 * c.n_embd) + (c.vocab_size + c.n_ctx + 2) * c.n_embd
+
+
+def free_memory(device):
+    """Bytes device can still give: a GPU's free memory, the RAM the kernel can give without swapping
+    (Linux's MemAvailable); None where unknown (then nothing is checked)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(need, device, what, lower):
+    """Refuse, in one line and before allocating it, work that needs more than device can hold (where a
+    kernel would kill the process without a word, or an allocator fail deep inside torch)."""
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB free "
+                        f"on {device}: lower {lower}")
+
+
+def check_training_memory(model, batch_tokens, dtype, device):
+    """A lower bound of what one step needs beyond the weights: gradients and AdamW's two moments for the
+    trainable parameters, and per token of a micro-batch the logits with their gradient (float32) and at
+    least 16 activations of n_embd per block (124M in float32 keeps 1.5 MB a token, measured; this says 1.0)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    c, size = model.config, torch.finfo(DTYPES[dtype]).bits // 8
+    per_token = 8 * model.lm_head.out_features + 16 * c.n_layer * c.n_embd * size
+    check_memory(12 * trainable + batch_tokens * per_token, device, f"training steps of {batch_tokens:,} tokens",
+                 "--batch-size (--grad-accum keeps the batch), --context-length or the model")
 
 
 def out_of_memory(e):
@@ -262,13 +309,35 @@ def model_path(spec):
                         "or a .pt checkpoint") from None
 
 
+UNREAD_FORMATS = {"pytorch_model.bin": "transformers' older pickle format",
+                  "model.safetensors.index.json": "weights sharded over several files"}
+
+
+def check_format(path):
+    """A model folder in a format gpt2.py does not read: one line saying how to make one it reads."""
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors",
+                                                                                          "hparams.json")):
+        return
+    for name, what in UNREAD_FORMATS.items():
+        if os.path.isfile(os.path.join(path, name)):
+            raise UserError(f"{os.path.join(path, name)}: {what} is not read here, only model.safetensors whole "
+                            "(or OpenAI's files); write one with transformers: GPT2LMHeadModel.from_pretrained(folder)"
+                            ".save_pretrained(new_folder, max_shard_size='100GB')")
+
+
 def load_model(spec, reads_text=True):
     """A size name, a model folder (OpenAI's or Hugging Face's) or a .pt of ours -> GPT in eval mode.
     reads_text: it will read GPT-2's tokens, so its vocabulary must hold them all (a larger one, padded as
     nanoGPT pads it, is fine: generation never samples past them)."""
-    model_path(spec)  # a clear line for a path that is not there
-    with quiet_stderr():  # TensorFlow, reading OpenAI's files, logs its start-up: not for our users
-        model = GPT.from_pretrained(spec)
+    check_format(model_path(spec))  # a clear line for a path that is not there, or not a format read here
+    try:
+        with quiet_stderr():  # TensorFlow, reading OpenAI's files, logs its start-up: not for our users
+            model = GPT.from_pretrained(spec)
+    except ValueError as e:
+        if "is a classifier" not in str(e):
+            raise
+        raise UserError(f"{e}: it tells spam from ham, with  python finetune_spam.py --classify TEXT --out-dir "
+                        f"{os.path.dirname(spec) or '.'}") from None
     if reads_text and model.config.vocab_size < GPTConfig.vocab_size:
         raise UserError(f"{spec} has a vocabulary of {model.config.vocab_size:,} tokens, fewer than GPT-2's "
                         f"{GPTConfig.vocab_size:,}: it was not trained on GPT-2's tokens")

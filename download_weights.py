@@ -18,7 +18,7 @@ import shutil
 
 from common import (MODELS_DIR, add_overwrite_arg, argument_parser, check_out_files, download, load_model, model_path,
                     replaced, run, write_json)
-from gpt2 import GPT, HF_CONFIG, size_name
+from gpt2 import GPT, HF_CONFIG, GPTConfig, size_name
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
 FILES = ["checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -54,11 +54,12 @@ def write_hf(model, folder, tokenizer_from=None):
             with replaced(os.path.join(folder, theirs)) as tmp:
                 shutil.copyfile(os.path.join(tokenizer_from, ours), tmp)
     c = model.config
+    eot = min(c.vocab_size, GPTConfig.vocab_size) - 1  # <|endoftext|>, 50256 (in a padded vocabulary too)
     write_json({**HF_CONFIG, "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
                 "n_positions": c.n_ctx, "n_ctx": c.n_ctx,  # n_ctx: what llama.cpp's converter reads
                 "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-                "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1},  # <|endoftext|>, the last id
+                "bos_token_id": eot, "eos_token_id": eot},
                os.path.join(folder, "config.json"))
 
 

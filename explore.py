@@ -111,6 +111,8 @@ def encode_text(tokenizer, model, text, view):
 
 def word_id(tokenizer, word):
     """'king' -> the id of ' king', the word as it appears after a space in running text."""
+    if not word.strip():
+        raise UserError(f"{word!r} is not a word: give one such as king")
     text = word if word[:1].isspace() else " " + word
     ids = tokenizer.encode(text)
     if len(ids) != 1:
@@ -193,11 +195,16 @@ def show_attention(model, tokenizer, text, layer, head, out):
 # Embeddings: the rows of wte compared by cosine similarity.
 
 
+def token_embeddings(model):  # (V, C): the rows of GPT-2's tokens (a padded vocabulary's extra rows left out)
+    return model.transformer.wte.weight[:GPTConfig.vocab_size]
+
+
 def nearest(embeddings, vector, k, exclude=()):
-    """The k rows of embeddings (V, C) most similar to vector (C,) by cosine -> [(id, similarity)]."""
+    """The k rows of embeddings (V, C) most similar to vector (C,) by cosine -> [(id, similarity)]; fewer
+    where fewer rows are left once exclude's are."""
     similarity = F.cosine_similarity(embeddings, vector[None], dim=-1)
     similarity[list(exclude)] = -math.inf
-    top = similarity.topk(k)
+    top = similarity.topk(min(k, len(embeddings) - len(set(exclude))))
     return list(zip(top.indices.tolist(), top.values.tolist()))
 
 
@@ -216,7 +223,7 @@ def print_nearest(tokenizer, found):
 
 @torch.no_grad()
 def show_neighbors(model, tokenizer, word, k):
-    wte = model.transformer.wte.weight
+    wte = token_embeddings(model)
     i = word_id(tokenizer, word)
     print(f"nearest tokens to {tokenizer.decode([i])!r} (cosine similarity of token embeddings):")
     print_nearest(tokenizer, nearest(wte, wte[i], k, exclude=[i]))
@@ -224,7 +231,7 @@ def show_neighbors(model, tokenizer, word, k):
 
 @torch.no_grad()
 def show_analogy(model, tokenizer, expression, k):
-    wte = model.transformer.wte.weight
+    wte = token_embeddings(model)
     terms = [(sign, word_id(tokenizer, word)) for sign, word in parse_sum(expression)]
     vector = sum(sign * wte[i] for sign, i in terms)
     print(f"nearest tokens to {expression} (its words left out):")
@@ -243,7 +250,7 @@ def show_words(model, tokenizer, words, out):
     if len(words) < 3:
         raise UserError("--words needs at least 3 words to place on a plane")
     ids = [word_id(tokenizer, w) for w in words]
-    xy, share = pca_2d(model.transformer.wte.weight[ids])
+    xy, share = pca_2d(token_embeddings(model)[ids])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(xy[:, 0], xy[:, 1])
@@ -264,9 +271,10 @@ def show_words(model, tokenizer, words, out):
 
 @torch.no_grad()
 def next_token_probabilities(model, ids):
-    """Token ids (T,) -> (T, vocab_size): row t is the model's distribution over token t + 1."""
+    """Token ids (T,) -> (T, 50257): row t is the model's distribution over token t + 1 (over GPT-2's tokens:
+    a padded vocabulary's extra ids are never predicted)."""
     logits, _ = model(torch.tensor([ids]))
-    return F.softmax(logits[0], dim=-1)
+    return F.softmax(logits[0, :, :GPTConfig.vocab_size], dim=-1)
 
 
 def show_next(model, tokenizer, text, k, out):
@@ -315,6 +323,8 @@ def main():
     if not args.weights and all(view is None for view in views_of_the_model):
         parser.error("choose at least one view: --weights, --attention, --neighbors, --analogy, --words or --next")
 
+    if args.top_k > GPTConfig.vocab_size:
+        raise UserError(f"--top-k {args.top_k:,} is more than the {GPTConfig.vocab_size:,} tokens of GPT-2's vocabulary")
     if args.weights:
         show_weights(args.model)
     if all(view is None for view in views_of_the_model):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (UserError, add_model_args, add_renamed, add_training_args, argument_parser, check_size_args,
+from common import (UserError, add_model_args, add_renamed, add_training_args, argument_parser, check_size_args, check_training_memory,
                     configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device,
                     precision, run, start_run, step_items, train, train_layout, write_json)
 from gpt2 import GPT, GPTConfig, load_weights
@@ -215,6 +215,8 @@ def finetune(args, ckpt):
     if not steps_per_epoch or args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} and at "
                         f"most the {len(train_data)} training entries")
+    longest = min(max(len(ids) for ids, _ in train_data), max_length)
+    check_training_memory(model, args.batch_size // args.grad_accum * longest, args.dtype, device)
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))
     trained = torch.compile(model) if args.compile else model
 

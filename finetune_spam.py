@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import (UserError, add_model_args, add_training_args, argument_parser, check_out_files, check_size_args,
+from common import (UserError, add_model_args, add_training_args, argument_parser, check_out_files, check_size_args, check_training_memory,
                     configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, precision,
                     read_checkpoint, replaced, run, start_run, step_items, train, train_layout, write_json)
 from gpt2 import GPT, GPTConfig, load_weights
@@ -324,6 +324,8 @@ def fine_tune(args, ckpt, tokenizer, device, amp):
     if not steps_per_epoch or args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} and at "
                         f"most the {len(data['train'])} training messages")
+    longest = max(len(ids) for ids, _ in data["train"])
+    check_training_memory(model, args.batch_size // args.grad_accum * longest, args.dtype, device)
     write_split(split, args.split_dir, args.seed)
     print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))

@@ -13,7 +13,8 @@ from itertools import takewhile
 
 import torch
 
-from common import UserError, add_device_arg, argument_parser, format_prompt, load_model, load_tokenizer, number, pick_device, run
+from common import (UserError, add_device_arg, argument_parser, check_memory, format_prompt, load_model, load_tokenizer, number,
+                    pick_device, run)
 
 
 def print_as_generated(ids, tokenizer):
@@ -65,7 +66,11 @@ def main():
         stream = (t.item() for t in model.stream(idx, *settings))
         print_as_generated(takewhile(lambda t: t != eos_id, stream), tokenizer)
         return
-    # Several samples run as one batch: each step reads the weights once for all of them.
+    # Several samples run as one batch: each step reads the weights once for all of them, and each sample
+    # keeps its keys and values of every block (the attention cache) and its logits.
+    c, kept = model.config, min(len(ids) + args.max_new_tokens, model.config.n_ctx)
+    per_sample = 2 * c.n_layer * kept * c.n_embd * model.lm_head.weight.element_size() + 16 * c.vocab_size
+    check_memory(args.num_samples * per_sample, device, f"{args.num_samples:,} samples", "--num-samples or --max-new-tokens")
     for i, out in enumerate(model.generate([ids] * args.num_samples, *settings)):
         new = out[len(ids):]
         print(("\n" + "-" * 40 + "\n" if i else "") + shown + tokenizer.decode(new[:-1] if new[-1:] == [eos_id] else new))

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (UserError, add_model_args, add_training_args, argument_parser, check_size_args, configure_optimizer,
+from common import (UserError, add_model_args, add_training_args, argument_parser, check_size_args, check_training_memory, configure_optimizer,
                     ensure_file, init_model, load_tokenizer, number, pick_device, precision, run, start_run, step_items,
                     train, train_layout)
 from corpus import WORKERS, load_tokens
@@ -173,6 +173,7 @@ def main():
     if master:
         print(f"{args.data}: {len(tokens):,} tokens, {len(train_starts)} training and {len(val_starts)} validation "
               f"windows of {L}")
+    check_training_memory(raw, micro * L, args.dtype, device)
     optimizer = configure_optimizer(raw, args.lr, args.weight_decay, betas=(0.9, args.beta2))
 
     def micro_batches(step):  # this process's share of the step's windows, in --grad-accum parts

@@ -172,3 +172,68 @@ def test_bad_files_are_named(tmp_path, run_main):
     line = one_line_error(run_main("finetune_instruct.py", *INSTRUCT_TINY, "--data", tmp_path / "latin1.json",
                                    "--out-dir", tmp_path / "i"))
     assert f"{tmp_path / 'latin1.json'} is not a UTF-8 JSON file" in line
+
+
+def test_bad_flags_are_found_before_the_first_write(tmp_path, run_main):
+    """Every check of the flags and the model comes before any file is written or replaced: the split files,
+    the token cache, the data download, the out-dir."""
+    split = tmp_path / "split"
+    split.mkdir()
+    for name in ("train", "validation", "test"):
+        (split / f"{name}-seed123.tsv").write_text(f"ham\tan earlier {name} split\n", encoding="utf-8")
+    torch.save(tiny_model(vocab_size=50257).checkpoint(), tmp_path / "tiny.pt")  # n_ctx 64
+    data = train_verdict(tmp_path)
+    before = snapshot(tmp_path)
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--n-layer", 1, "--trainable-blocks", 7,
+                                   "--data", SPAM_DATA, "--split-dir", split, "--out-dir", tmp_path / "s"))
+    assert "--trainable-blocks 7: give 'all' or a number from 0 to 1" in line
+    line = one_line_error(run_main("train.py", "--init-from", tmp_path / "tiny.pt", "--context-length", 128,
+                                   "--data", data, "--out-dir", tmp_path / "t"))
+    assert "--context-length 128 is longer than the model's 64" in line
+    line = one_line_error(run_main("finetune_instruct.py", "--init-from", tmp_path / "tiny.pt", "--context-length", 128,
+                                   "--data", tmp_path / "missing.json", "--out-dir", tmp_path / "i"))
+    assert "--context-length 128 is longer than the model's 64" in line
+    assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["split", "the-verdict.txt", "tiny.pt"]
+
+
+def test_bad_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, run_main, monkeypatch):
+    torch.save(tiny_model(vocab_size=50257).checkpoint(), tmp_path / "tiny.pt")
+    free = common.free_memory("cpu")
+    assert 2**28 < free < 2**50  # this machine's MemAvailable, read
+    for n in (1_000_000, 100_000_000):  # 0.8 MB a sample: far more than any machine here holds
+        line = one_line_error(run_main("sample.py", "--model", tmp_path / "tiny.pt", "--num-samples", n))
+        assert f"{n:,} samples need about" in line and "GiB free on cpu: lower --num-samples or --max-new-tokens" in line
+    line = one_line_error(run_main("train.py", "--n-layer", 100_000, "--n-embd", 4608, "--out-dir", tmp_path / "t"))
+    assert "the new model's weights need about 94,9" in line and "lower --n-layer, --n-embd or --context-length" in line
+    # a training step too big for what is free: refused before the split files are replaced
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train-seed123.tsv").write_text("ham\tan earlier split\n", encoding="utf-8")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(common, "free_memory", lambda device: 2**24)  # the model fits (13 MB), its steps not (22 MB)
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--batch-size", 32, "--data", SPAM_DATA, "--split-dir", split,
+                                   "--out-dir", tmp_path / "s"))
+    assert "training steps of" in line and "more than the 0.0 GiB free on cpu: lower --batch-size" in line
+    assert snapshot(tmp_path) == before and not (tmp_path / "s").exists()
+
+
+def test_the_training_memory_bound_is_below_what_a_step_takes(monkeypatch):
+    """check_training_memory refuses only what cannot fit: its bound is below what torch really allocates
+    for a step (counted by torch's profiler of the CPU allocator), so no run that fits is refused."""
+    model = common.train_layout(tiny_model(vocab_size=50257, n_ctx=64)).train()
+    optimizer = common.configure_optimizer(model, 1e-3, 0.1)
+    x = torch.randint(0, 50257, (4, 64))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = model(x, x)[1]
+        loss.backward()
+        optimizer.step()
+    peak, held = 0, 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += e.cpu_memory_usage
+        peak = max(peak, held)
+    trainable = sum(p.numel() for p in model.parameters())
+    bound = 12 * trainable + x.numel() * (8 * 50257 + 16 * 2 * 32 * 4)
+    seen = []
+    monkeypatch.setattr(common, "check_memory", lambda need, *a: seen.append(need))
+    common.check_training_memory(model, x.numel(), "float32", "cpu")
+    assert seen == [bound] and bound < peak

@@ -193,10 +193,24 @@ def test_explore_script_prints_brute_force_neighbors_and_transformers_probabilit
 @pytest.mark.parametrize("args, message", [
     (["--neighbors", "Xqzvbtkw"], "error: ' Xqzvbtkw' is 6 tokens"),
     (["--next", "word " * 70], "error: --next: the text is 71 tokens, longer than the model's context window (64)"),
+    (["--neighbors", ""], "error: '' is not a word: give one such as king"),
+    (["--neighbors", " "], "error: ' ' is not a word: give one such as king"),
+    (["--words", "king", "", "queen"], "error: '' is not a word: give one such as king"),
+    (["--next", EXPLORE_TEXT, "--top-k", 60000], "error: --top-k 60,000 is more than the 50,257 tokens of GPT-2's"),
+    (["--neighbors", "king", "--top-k", 50258], "error: --top-k 50,258 is more than the 50,257 tokens of GPT-2's"),
 ])
-def test_explore_bad_input_is_one_clear_line(explore_run, args, message):
+def test_explore_bad_input_is_one_clear_line(explore_run, args, message, run_main):
     model, pictures, _ = explore_run
-    r = run_script("explore.py", "--model", pictures.parent / "tiny.pt", "--out-dir", pictures.parent / "bad", *args)
+    r = run_main("explore.py", "--model", pictures.parent / "tiny.pt", "--out-dir", pictures.parent / "bad", *args)
     assert r.returncode == 1 and r.stdout == "" and r.stderr.strip() == r.stderr.strip().splitlines()[-1]
     assert r.stderr.startswith(message), r.stderr
     assert not (pictures.parent / "bad").exists()
+
+
+def test_explore_top_k_as_large_as_the_vocabulary_gives_every_other_token():
+    wte = tiny_model(seed=9, vocab_size=50257).transformer.wte.weight.detach()
+    found = explore.nearest(wte, wte[7], 50257, exclude=[7])
+    assert len(found) == 50256 and sorted(i for i, _ in found) == [i for i in range(50257) if i != 7]
+    expected = explore_brute_force(wte, wte[7], 50, [7])
+    assert [i for i, _ in found[:50]] == [i for i, _ in expected]
+    assert [s for _, s in found[:50]] == pytest.approx([s for _, s in expected], abs=1e-6)

@@ -350,6 +350,25 @@ def test_bad_judge_reply_without_content(tmp_path, serve):
     assert path.read_bytes() == before
 
 
+class HtmlErrorPage(BaseHTTPRequestHandler):  # a proxy in front of Ollama, answering with its error page
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        page = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n<center><h1>502 Bad Gateway</h1>" \
+               "</center>\n<hr><center>nginx</center>\n</body>\n</html>\n" + "<!-- padding -->\n" * 6
+        reply(self, page.encode(), status=502, content_type="text/html")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_bad_judge_html_error_page_is_one_line_of_its_text(tmp_path, serve):
+    path, _ = instruct_responses(tmp_path, 1)
+    before = path.read_bytes()
+    line = one_line_error(instruct_judge(path, serve(HtmlErrorPage)))
+    assert line.endswith("answered HTTP 502: 502 Bad Gateway 502 Bad Gateway nginx") and "<" not in line, line
+    assert path.read_bytes() == before
+
+
 def test_instruct_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
     """LoRA, Ctrl-C after the first checkpoint, then --resume: the weights (LoRA's matrices and the
     frozen ones), AdamW's state and the history of a run never stopped, bit for bit; the same answers."""

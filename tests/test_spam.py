@@ -1,6 +1,7 @@
 """finetune_spam.py: the real SMS Spam Collection."""
 
 import csv
+import os
 import json
 import math
 
@@ -181,9 +182,17 @@ def test_spam_patience_stops_and_pool_is_kept(tmp_path):
     assert fs.load_classifier(tmp_path / "out" / "classifier.pt").pool == "mean"
 
 
-def test_spam_seeds_flag_is_checked(tmp_path):
-    r = run_script("finetune_spam.py", "--seeds", "0-4,4", cwd=tmp_path)  # seed 4 twice
-    assert r.returncode == 2 and r.stderr.startswith("error: argument --seeds: must name each seed once"), r.stderr
+@pytest.mark.parametrize("seeds, message", [
+    ("0-4,4", "must name each seed once"),  # seed 4 twice
+    ("5-2", "5-2 is an empty range: write the smaller seed first"),
+    ("0-100000000", "0-100000000 names more than 1000 seeds (a fine-tuning each)"),  # refused before any list is built
+    ("one", "must be seeds like 0-9, 1,4,7 or 0-4,9, not one"),
+])
+def test_spam_seeds_flag_is_checked(tmp_path, seeds, message, run_main, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run_main("finetune_spam.py", "--seeds", seeds)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: argument --seeds: {message}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
     assert fs.seed_list("0-2,7") == [0, 1, 2, 7]
 
 
