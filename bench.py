@@ -26,15 +26,16 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import (DTYPES, add_device_arg, argument_parser, configure_optimizer, keep_freed_memory, native_bf16,
-                    pick_device, run, save_atomic, train_layout)
+from common import (DTYPES, add_device_arg, argument_parser, configure_optimizer, keep_freed_memory,
+                    native_bf16, pick_device, run, save_atomic, train_layout)
 from download_weights import write_hf
 from gpt2 import GPT, GPTConfig, load_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MB = 1e6
 TRAINING = {  # the training rows: setting -> (number format, fused AdamW)
-    "float32, foreach AdamW (as before)": ("float32", False),  # (and in --runs, glibc's default: see keep_freed_memory)
+    # (and in --runs, glibc's default: see keep_freed_memory)
+    "float32, foreach AdamW (as before)": ("float32", False),
     "float32, fused AdamW": ("float32", True),
     "bfloat16 autocast, fused AdamW": ("bfloat16", True),
 }
@@ -47,7 +48,8 @@ TRAINING = {  # the training rows: setting -> (number format, fused AdamW)
 def make_models(n_layer, n_head, n_embd, seed):
     """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel). Ours is
     laid out as from_pretrained leaves any file (load_weights), as a user who loads weights has it."""
-    from transformers import GPT2Config, GPT2LMHeadModel  # imported late: gpt2.py's loading row must not carry it
+    # imported late: gpt2.py's loading row must not carry it
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     fresh = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
@@ -55,7 +57,8 @@ def make_models(n_layer, n_head, n_embd, seed):
     c = ours.config
     theirs = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
     ))
     theirs.load_state_dict({k: v.t() if k.endswith(GPT.CONV1D) else v for k, v in ours.state_dict().items()})
     return ours, theirs.eval()
@@ -100,7 +103,8 @@ def generate_ragged(model, prompts, new_tokens, autocast):
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
         config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   eos_token_id=None, pad_token_id=0)
-        return [p + row[T:] for p, row in zip(prompts, model.generate(ids, attention_mask=mask, generation_config=config).tolist())]
+        return [p + row[T:] for p, row in zip(prompts, model.generate(ids, attention_mask=mask,
+                                                                      generation_config=config).tolist())]
 
 
 @torch.no_grad()
@@ -171,25 +175,29 @@ def phase_peak(which, phase, args_dict):
     if phase == "train":
         model.train()
         opt = configure_optimizer(model, lr=1e-4, weight_decay=0.1)
-        data = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1), device=args.device)
+        data = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1),
+                             device=args.device)
         step = lambda: train_step(model, opt, data, autocast)  # noqa: E731
     else:
         idx = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=args.device)
         step = lambda: generate(model, idx, args.new_tokens, None, autocast)  # noqa: E731
     before = memory_now_and_peak(args.device)[0]
     reset_peak(args.device)
-    for _ in range(2 if phase == "train" else 1):  # AdamW's state appears in the first step: peak in the second
+    # AdamW's state appears in the first step: peak in the second
+    for _ in range(2 if phase == "train" else 1):
         step()
     return before, memory_now_and_peak(args.device)[1]
 
 
 def load_peak(which, path):
-    """Run in a fresh process: load path and read each weight once -> (seconds, RSS before, peak RSS) in bytes.
-    which: "theirs" (transformers), "ours", or "ours, first" (torch._dynamo not imported yet: see GPT.empty)."""
+    """Run in a fresh process: load path and read each weight once -> (seconds, RSS before, peak RSS) in
+    bytes. which: "theirs" (transformers), "ours", or "ours, first" (torch._dynamo not imported yet: see
+    GPT.empty)."""
     if which == "theirs":
         from transformers import GPT2LMHeadModel  # (its import also imports torch._dynamo)
     elif which == "ours":
-        import torch._dynamo as dynamo  # noqa: F401  what transformers' import brings; GPT.empty's first use needs it
+        # what transformers' import brings; GPT.empty's first use needs it
+        import torch._dynamo as dynamo  # noqa: F401
     before = rss()
     reset_peak("cpu")
     t0 = time.perf_counter()
@@ -243,7 +251,8 @@ def matmul_peak(args, dtype):
     n = 4096 if args.device == "cuda" else 2048
     a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
     repeats = 8  # one call is too short to time steadily on a CPU that is still clocking up
-    seconds = timed({"matmul": lambda: [a @ b for _ in range(repeats)]}, args, f"{dtype} matmul")["matmul"] / repeats
+    seconds = timed({"matmul": lambda: [a @ b for _ in range(repeats)]}, args,
+                    f"{dtype} matmul")["matmul"] / repeats
     return 2 * n**3 / seconds
 
 
@@ -251,7 +260,8 @@ def read_bandwidth(args):
     """Bytes/s of summing 1 GiB of fp32: reading memory as batch-1 generation reads its weights."""
     big = torch.ones(2**28, device=args.device)
     repeats = 4
-    seconds = timed({"sum": lambda: [big.sum() for _ in range(repeats)]}, args, "memory bandwidth")["sum"] / repeats
+    seconds = timed({"sum": lambda: [big.sum() for _ in range(repeats)]}, args,
+                    "memory bandwidth")["sum"] / repeats
     return big.numel() * 4 / seconds
 
 
@@ -272,7 +282,8 @@ def checkpoints(ours, args):
     """The same weights as a Hugging Face folder (as download_weights.py converts OpenAI's checkpoint:
     transformers loads it too) and as a .pt of ours, written once into the temp folder and kept for
     later runs -> {"hf": folder, "pt": file}."""
-    root = os.path.join(tempfile.gettempdir(), f"gpt2-bench-{args.n_layer}x{args.n_head}x{args.n_embd}-seed{args.seed}")
+    root = os.path.join(tempfile.gettempdir(),
+                        f"gpt2-bench-{args.n_layer}x{args.n_head}x{args.n_embd}-seed{args.seed}")
     paths = {"hf": os.path.join(root, "hf"), "pt": os.path.join(root, "model.pt")}
     if not os.path.isdir(paths["hf"]):
         write_hf(ours, paths["hf"] + ".tmp")
@@ -285,9 +296,10 @@ def checkpoints(ours, args):
 # -----------------------------------------------------------------------------
 # Whole training runs, start to end: the book's run and the Tiny Shakespeare recipe in each setting.
 
-SHAKESPEARE_RUN = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--context-length", "128", "--batch-size", "2",
-                   "--max-iters", "800", "--warmup-iters", "40", "--lr", "1e-3", "--min-lr", "1e-4", "--beta2", "0.95",
-                   "--dropout", "0", "--eval-interval", "100", "--eval-batches", "10"]
+SHAKESPEARE_RUN = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--context-length", "128",
+                   "--batch-size", "2", "--max-iters", "800", "--warmup-iters", "40", "--lr", "1e-3",
+                   "--min-lr", "1e-4", "--beta2", "0.95", "--dropout", "0", "--eval-interval", "100",
+                   "--eval-batches", "10"]
 
 
 def whole_runs(args):
@@ -304,8 +316,8 @@ def whole_runs(args):
             for setting, (dtype, fused) in TRAINING.items():
                 if dtype == "bfloat16" and not native_bf16(args.device):
                     continue
-                argv = ["--data", data, "--out-dir", os.path.join(tmp, "out"), "--overwrite", "--device", args.device,
-                        "--dtype", dtype, *extra]
+                argv = ["--data", data, "--out-dir", os.path.join(tmp, "out"), "--overwrite",
+                        "--device", args.device, "--dtype", dtype, *extra]
                 seconds, val, tokens = in_fresh_process("training_run", argv, fused)
                 first = first or seconds
                 rows.append((name, setting, f"{seconds:.0f} s", f"{tokens / seconds:,.0f}", f"{val:.3f}",
@@ -320,8 +332,9 @@ def whole_runs(args):
 
 
 def print_table(args, n_params, rows):
-    print(f"GPT-2 {args.n_layer} layers x {args.n_embd} ({n_params / 1e6:.1f}M parameters), random weights, {args.device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
+    print(f"GPT-2 {args.n_layer} layers x {args.n_embd} ({n_params / 1e6:.1f}M parameters), random weights, "
+          f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of "
+          f"{args.reps} after {args.warmup} warm-up")
     print("\n| measurement | gpt2.py | transformers | gpt2.py / transformers |\n| --- | ---: | ---: | ---: |")
     for r in rows:
         print("| " + " | ".join(r) + " |")
@@ -336,9 +349,11 @@ def main():
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
     p.add_argument("--prompt-len", type=int, default=32, help="generation prompt, batch 1")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
-    p.add_argument("--generation-only", action="store_true", help="the machine's rows and batch-1 generation, nothing "
-                   "else (e.g. for the 355M shape: --n-layer 24 --n-head 16 --n-embd 1024)")
-    p.add_argument("--batch-new-tokens", type=int, default=64, help="tokens generated per row in the batch rows")
+    p.add_argument("--generation-only", action="store_true",
+                   help="the machine's rows and batch-1 generation, nothing else (e.g. for the 355M shape: "
+                   "--n-layer 24 --n-head 16 --n-embd 1024)")
+    p.add_argument("--batch-new-tokens", type=int, default=64,
+                   help="tokens generated per row in the batch rows")
     p.add_argument("--top-k", type=int, default=50, help="k of the top-k sampling row")
     p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill row")
     add_device_arg(p)
@@ -346,7 +361,8 @@ def main():
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     p.add_argument("--runs", action="store_true", help="instead: whole train.py runs, start to end, in each "
-                   "training setting: the book's run on --verdict and the Tiny Shakespeare recipe on --shakespeare")
+                   "training setting: the book's run on --verdict and the Tiny Shakespeare recipe on "
+                   "--shakespeare")
     p.add_argument("--verdict", default="data/the-verdict.txt", help="the text of the book's run")
     p.add_argument("--shakespeare", default="data/tinyshakespeare.txt", help="Tiny Shakespeare's text")
     args = p.parse_args()
@@ -378,7 +394,8 @@ def main():
     for dtype, peak in peaks.items():
         row(f"{dtype} matmul peak ({dev}), GFLOP/s", f"{peak / 1e9:.0f}")
     row("memory read bandwidth, GB/s", f"{bandwidth / 1e9:.1f}")
-    row("matrix-vector product, 1 GiB weight (out, in) as nn.Linear's, GB/s", f"{matvec['out, in'] / 1e9:.1f}")
+    row("matrix-vector product, 1 GiB weight (out, in) as nn.Linear's, GB/s",
+        f"{matvec['out, in'] / 1e9:.1f}")
     row("matrix-vector product, the same weight stored (in, out), GB/s", f"{matvec['in, out'] / 1e9:.1f}")
     row(f"generation bound: bandwidth / {bytes_per_token / MB:.0f} MB of weights, tokens/s", f"{bound:.1f}")
 
@@ -387,7 +404,8 @@ def main():
     with torch.no_grad():
         diff = (ours(x)[0] - theirs(x).logits).abs().max().item()
     if diff > 1e-3:
-        raise RuntimeError(f"the two models disagree (max logit difference {diff:.2g}): the weights did not map over")
+        raise RuntimeError(f"the two models disagree (max logit difference {diff:.2g}): the weights did "
+                           "not map over")
 
     # 1. Training: one step (forward, backward, AdamW) on the same batch and weights, as the training scripts
     # did it before (float32, torch's default foreach AdamW), with the fused AdamW, and in bfloat16 with it.
@@ -396,20 +414,26 @@ def main():
         keep_freed_memory()  # as the training loop does, for both models
         data = torch.randint(0, c.vocab_size, (args.batch_size, args.seq_len + 1), device=dev)
         tokens = args.batch_size * args.seq_len
-        # nanoGPT's count: 6 FLOPs per weight per token (forward 2, backward 4), plus attention's T x T matmuls
-        flops = 6 * (n_params - ours.transformer.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * args.seq_len
+        # nanoGPT's count: 6 FLOPs per weight per token (forward 2, backward 4), plus attention's
+        # T x T matmuls
+        flops = (6 * (n_params - ours.transformer.wpe.weight.numel())
+                 + 12 * c.n_layer * c.n_embd * args.seq_len)
         speed = {}
         for setting, (dtype, fused) in TRAINING.items():
             if dtype == "bfloat16" and not native_bf16(dev):
                 row(f"training step, {setting}", "no native bfloat16 on this device")
                 continue
-            models = {"ours": train_layout(copy.deepcopy(ours)).train(), "theirs": copy.deepcopy(theirs).train()}
-            opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1, fused=fused) for k, m in models.items()}
+            models = {"ours": train_layout(copy.deepcopy(ours)).train(),
+                      "theirs": copy.deepcopy(theirs).train()}
+            opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1, fused=fused)
+                    for k, m in models.items()}
             autocast = torch.autocast(torch.device(dev).type, dtype=DTYPES[dtype], enabled=dtype != "float32")
-            t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, autocast)) for k in models}, args, setting)
+            t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, autocast)) for k in models}, args,
+                      setting)
             speed[setting] = {k: tokens / t[k] for k in t}
             a, b = speed[setting]["ours"], speed[setting]["theirs"]
-            row(f"training step {args.batch_size} x {args.seq_len}, {setting}, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
+            row(f"training step {args.batch_size} x {args.seq_len}, {setting}, tokens/s", f"{a:.1f}",
+                f"{b:.1f}", a / b)
             peak = peaks[dtype]
             row(f"training, {setting}: GFLOP/s (share of the {dtype} matmul peak)", f"{a * flops / 1e9:.1f} "
                 f"({a * flops / peak:.0%})", f"{b * flops / 1e9:.1f} ({b * flops / peak:.0%})", a / b)
@@ -418,11 +442,14 @@ def main():
         for setting in list(speed)[1:]:
             a, b = speed[setting]["ours"] / first["ours"], speed[setting]["theirs"] / first["theirs"]
             row(f"training, {setting} over {next(iter(TRAINING))}, speed-up", f"{a:.2f}x", f"{b:.2f}x")
-        # the layout a loaded model has, (in, out) block matrices, against the training scripts' contiguous one
-        models = {"contiguous": train_layout(copy.deepcopy(ours)).train(), "loaded": copy.deepcopy(ours).train()}
+        # the layout a loaded model has, (in, out) block matrices, against the training scripts'
+        # contiguous one
+        models = {"contiguous": train_layout(copy.deepcopy(ours)).train(),
+                  "loaded": copy.deepcopy(ours).train()}
         opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for k, m in models.items()}
         nocast = torch.autocast(torch.device(dev).type, enabled=False)
-        t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, nocast)) for k in models}, args, "layouts")
+        t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, nocast)) for k in models}, args,
+                  "layouts")
         row("training, float32: contiguous weights (train_layout) over the loaded (in, out) ones, speed-up",
             f"{t['loaded'] / t['contiguous']:.2f}x")
         del models, opts
@@ -430,13 +457,17 @@ def main():
     # 2. Generation, batch 1.
     idx = torch.randint(0, c.vocab_size, (1, args.prompt_len), device=dev)
     n = args.new_tokens
-    greedy = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, theirs)}, args, "greedy")
-    topk = timed({m: (lambda m=m: generate(m, idx, n, args.top_k, autocast)) for m in (ours, theirs)}, args, "top-k")
+    greedy = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, theirs)}, args,
+                   "greedy")
+    topk = timed({m: (lambda m=m: generate(m, idx, n, args.top_k, autocast)) for m in (ours, theirs)}, args,
+                 "top-k")
     a, b = n / greedy[ours], n / greedy[theirs]
     row(f"generation, greedy, {args.prompt_len} + {n} tokens, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
     row("generation, greedy, share of the bandwidth bound", f"{a / bound:.0%}", f"{b / bound:.0%}", a / b)
-    contiguous = train_layout(copy.deepcopy(ours))  # the four block matrices (out, in), as nn.Linear makes them
-    t = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, contiguous)}, args, "layouts")
+    # the four block matrices (out, in), as nn.Linear makes them
+    contiguous = train_layout(copy.deepcopy(ours))
+    t = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, contiguous)}, args,
+              "layouts")
     row("generation, greedy: ours as loaded (block matrices (in, out)) over them (out, in), speed-up",
         f"{t[contiguous] / t[ours]:.2f}x")
     del contiguous
@@ -454,27 +485,31 @@ def main():
     n = args.batch_new_tokens
     for B in (1, 4, 8, 16):
         batch = torch.randint(0, c.vocab_size, (B, args.prompt_len), device=dev)
-        t = timed({m: (lambda m=m: generate(m, batch, n, None, autocast)) for m in (ours, theirs)}, args, f"batch {B}")
+        t = timed({m: (lambda m=m: generate(m, batch, n, None, autocast)) for m in (ours, theirs)}, args,
+                  f"batch {B}")
         a, b = B * n / t[ours], B * n / t[theirs]
-        row(f"generation, greedy, batch {B} x ({args.prompt_len} + {n}) tokens, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
+        row(f"generation, greedy, batch {B} x ({args.prompt_len} + {n}) tokens, tokens/s", f"{a:.1f}",
+            f"{b:.1f}", a / b)
     lengths = [args.prompt_len * (i + 1) // 4 or 1 for i in range(8)]  # 8 to 64 for the default 32
     prompts = [torch.randint(0, c.vocab_size, (length,)).tolist() for length in lengths]
     fns = {m: (lambda m=m: generate_ragged(m, prompts, n, autocast)) for m in (ours, theirs)}
     fns["alone"] = lambda: [generate(ours, torch.tensor([p], device=dev), n, None, autocast) for p in prompts]
     t = timed(fns, args, "mixed lengths")
     a, b = 8 * n / t[ours], 8 * n / t[theirs]
-    row(f"generation, greedy, 8 prompts of {lengths[0]} to {lengths[-1]} tokens in one batch, + {n} each, tokens/s",
-        f"{a:.1f}", f"{b:.1f}", a / b)
+    row(f"generation, greedy, 8 prompts of {lengths[0]} to {lengths[-1]} tokens in one batch, + {n} each, "
+        "tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
     row("the same 8 prompts: one batch over one by one, speed-up", f"{t['alone'] / t[ours]:.1f}x")
 
     # 3. Prefill: the prompt goes through the model once, filling the KV cache, then one token comes out.
     long = torch.randint(0, c.vocab_size, (1, args.prefill), device=dev)
-    t = timed({m: (lambda m=m: generate(m, long, 1, None, autocast)) for m in (ours, theirs)}, args, "prefill")
+    t = timed({m: (lambda m=m: generate(m, long, 1, None, autocast)) for m in (ours, theirs)}, args,
+              "prefill")
     row(f"prefill, {args.prefill} tokens, tokens/s", f"{args.prefill / t[ours]:.0f}",
         f"{args.prefill / t[theirs]:.0f}", t[theirs] / t[ours])
 
     # 4. Loading, each in a fresh process: both from the same Hugging Face folder (download_weights.py's
-    # conversion), ours also from a .pt, and once without torch._dynamo imported before (GPT.empty's first use).
+    # conversion), ours also from a .pt, and once without torch._dynamo imported before (GPT.empty's
+    # first use).
     ours = theirs = None  # the loading rows measure fresh processes: free this one's memory
     weights = 4 * n_params  # float32
     runs = {"theirs": ("theirs", files["hf"]), "ours": ("ours", files["hf"]), "pt": ("ours", files["pt"]),
@@ -484,16 +519,19 @@ def main():
         for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
             loads[name].append(in_fresh_process("load_peak", *runs[name]))
     (sa, ba, pa), (sb, bb, pb) = ([statistics.median(v) for v in zip(*loads[n])] for n in ("ours", "theirs"))
-    row(f"loading {weights / MB:.0f} MB of weights from the same Hugging Face folder, s", f"{sa:.2f}", f"{sb:.2f}", sa / sb)
+    row(f"loading {weights / MB:.0f} MB of weights from the same Hugging Face folder, s", f"{sa:.2f}",
+        f"{sb:.2f}", sa / sb)
     row("loading, peak RSS over the process before loading, MB (x weights)", f"{(pa - ba) / MB:.0f} "
-        f"({(pa - ba) / weights:.2f}x)", f"{(pb - bb) / MB:.0f} ({(pb - bb) / weights:.2f}x)", (pa - ba) / (pb - bb))
+        f"({(pa - ba) / weights:.2f}x)", f"{(pb - bb) / MB:.0f} ({(pb - bb) / weights:.2f}x)",
+        (pa - ba) / (pb - bb))
     row("loading, ours from a .pt of ours, s", f"{statistics.median(s for s, _, _ in loads['pt']):.2f}")
     row("loading, ours in a process that has not imported torch._dynamo yet, s",
         f"{statistics.median(s for s, _, _ in loads['first']):.2f}")
 
     # 5. Peak memory of training and generation, each in a fresh process.
     kind = "allocated" if dev == "cuda" else "RSS"
-    for phase, what in (("train", f"training step {args.batch_size} x {args.seq_len}"), ("generate", "greedy generation")):
+    for phase, what in (("train", f"training step {args.batch_size} x {args.seq_len}"),
+                        ("generate", "greedy generation")):
         grow = {}
         for which in tqdm(("ours", "theirs"), desc=f"{phase} memory", leave=False):
             before, peak_bytes = in_fresh_process("phase_peak", which, phase, vars(args))

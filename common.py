@@ -75,18 +75,22 @@ def add_renamed(parser, old, new):
 
 
 def add_overwrite_arg(parser, what):
-    parser.add_argument("--overwrite", action="store_true", help=f"start a new run even where {what} already holds one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"start a new run even where {what} already holds one")
 
 
 def add_device_arg(parser):
-    parser.add_argument("--device", default="auto", help="auto: cuda, else mps, else cpu; or a torch device (cpu, cuda:1, ...)")
+    parser.add_argument("--device", default="auto",
+                        help="auto: cuda, else mps, else cpu; or a torch device (cpu, cuda:1, ...)")
 
 
 def add_model_args(parser, init_from, dropout=None):
     """--init-from, the size flags init_model takes and --dropout: the same in every script that trains."""
-    parser.add_argument("--init-from", default=init_from, help="scratch, a GPT-2 size (gpt2, gpt2-medium, 124M, ...: "
-                        "see download_weights.py), a model folder (OpenAI's or Hugging Face's) or a .pt checkpoint")
-    for flag, what in (("--n-layer", "number of blocks"), ("--n-head", "attention heads"), ("--n-embd", "width")):
+    parser.add_argument("--init-from", default=init_from,
+                        help="scratch, a GPT-2 size (gpt2, gpt2-medium, 124M, ...: see download_weights.py), "
+                        "a model folder (OpenAI's or Hugging Face's) or a .pt checkpoint")
+    for flag, what in (("--n-layer", "number of blocks"), ("--n-head", "attention heads"),
+                       ("--n-embd", "width")):
         parser.add_argument(flag, type=number(int, 1), help=f"with --init-from scratch: {what}; None: 124M's")
     parser.add_argument("--dropout", type=number(float, 0, 1), default=dropout,
                         help="dropout rate while training; None: the model's own (0 for OpenAI's)")
@@ -99,10 +103,12 @@ def check_size_args(args):
         return
     n_head, n_embd = args.n_head or GPTConfig.n_head, args.n_embd or GPTConfig.n_embd
     if n_embd % n_head:
-        raise UserError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head} (the heads split the width)")
+        raise UserError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head} (the heads "
+                        "split the width)")
     config = GPTConfig(n_layer=args.n_layer or GPTConfig.n_layer, n_head=n_head, n_embd=n_embd,
                        n_ctx=args.context_length or GPTConfig.n_ctx)
-    check_memory(4 * parameter_count(config), "cpu", "the new model's weights", "--n-layer, --n-embd or --context-length")
+    check_memory(4 * parameter_count(config), "cpu", "the new model's weights",
+                 "--n-layer, --n-embd or --context-length")
 
 
 def parameter_count(c):
@@ -131,23 +137,26 @@ def check_memory(need, device, what, lower):
     kernel would kill the process without a word, or an allocator fail deep inside torch)."""
     free = free_memory(device)
     if free is not None and need > free:
-        raise UserError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB free "
-                        f"on {device}: lower {lower}")
+        raise UserError(f"{what} need about {need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB "
+                        f"free on {device}: lower {lower}")
 
 
 def check_training_memory(model, batch_tokens, dtype, device):
     """A lower bound of what one step needs beyond the weights: gradients and AdamW's two moments for the
     trainable parameters, and per token of a micro-batch the logits with their gradient (float32) and at
-    least 16 activations of n_embd per block (124M in float32 keeps 1.5 MB a token, measured; this says 1.0)."""
+    least 16 activations of n_embd per block (124M in float32 keeps 1.5 MB a token, measured; this says
+    1.0)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     c, size = model.config, torch.finfo(DTYPES[dtype]).bits // 8
     per_token = 8 * model.lm_head.out_features + 16 * c.n_layer * c.n_embd * size
-    check_memory(12 * trainable + batch_tokens * per_token, device, f"training steps of {batch_tokens:,} tokens",
+    check_memory(12 * trainable + batch_tokens * per_token, device,
+                 f"training steps of {batch_tokens:,} tokens",
                  "--batch-size (--grad-accum keeps the batch), --context-length or the model")
 
 
 def out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "not enough memory" in str(e)
+    return (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+            or "not enough memory" in str(e))
 
 
 def run(main):
@@ -202,8 +211,8 @@ def check_out_files(paths, overwrite, resume_hint=""):
     their folder can be written, and clear temporary files a killed run left behind."""
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
-        raise UserError(f"{existing[0]} is from an earlier run and would be replaced: {resume_hint}pass --overwrite "
-                        "to start over, or another output path")
+        raise UserError(f"{existing[0]} is from an earlier run and would be replaced: {resume_hint}pass "
+                        "--overwrite to start over, or another output path")
     for folder in sorted({os.path.dirname(p) or "." for p in paths}):
         created = not os.path.isdir(folder)
         try:
@@ -242,8 +251,10 @@ def pick_device(name="auto"):
         try:
             kind = torch.device(name).type
         except RuntimeError:
-            raise UserError(f"--device {name}: not a torch device (auto, cpu, cuda, cuda:1, mps, ...)") from None
-        if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: not a torch device (auto, cpu, cuda, "
+                            "cuda:1, mps, ...)") from None
+        if (kind == "cuda" and not torch.cuda.is_available()
+                or kind == "mps" and not torch.backends.mps.is_available()):
             raise UserError(f"--device {name}: this machine has no {kind.upper()} device that torch can use; "
                             "use --device cpu (or auto)")
         return name
@@ -255,7 +266,8 @@ def pick_device(name="auto"):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BF16_SPEEDUP = "2.3x"  # bench.py's training step of GPT-2 124M, bfloat16 over float32, on a 2-core Xeon with AMX
+# bench.py's training step of GPT-2 124M, bfloat16 over float32, on a 2-core Xeon with AMX
+BF16_SPEEDUP = "2.3x"
 
 
 def native_bf16(device_type):
@@ -281,15 +293,16 @@ def precision(dtype, device, note=True):
     device_type = torch.device(device).type
     if dtype == "float32":
         if note and device_type == "cpu" and native_bf16("cpu"):
-            print(f"note: this CPU computes bfloat16 natively: --dtype bfloat16 trains about {BF16_SPEEDUP} faster "
-                  "(bench.py)")
+            print(f"note: this CPU computes bfloat16 natively: --dtype bfloat16 trains about {BF16_SPEEDUP} "
+                  "faster (bench.py)")
         return contextlib.nullcontext(), None
     if dtype == "float16" and device_type == "cpu":
-        raise UserError("--dtype float16 is for GPUs: on a CPU use --dtype bfloat16 (where it computes it natively) "
-                        "or float32")
+        raise UserError("--dtype float16 is for GPUs: on a CPU use --dtype bfloat16 (where it computes it "
+                        "natively) or float32")
     if dtype == "bfloat16" and not native_bf16(device_type):
-        raise UserError(f"--dtype bfloat16: this {device_type.upper()} does not compute bfloat16 natively (no AMX, "
-                        "AVX-512 BF16 or Arm BF16), so it would run several times slower: use --dtype float32")
+        raise UserError(f"--dtype bfloat16: this {device_type.upper()} does not compute bfloat16 natively "
+                        "(no AMX, AVX-512 BF16 or Arm BF16), so it would run several times slower: use "
+                        "--dtype float32")
     scaler = torch.amp.GradScaler(device_type) if dtype == "float16" else None  # float16's small gradients
     return torch.autocast(device_type, dtype=DTYPES[dtype]), scaler
 
@@ -299,7 +312,8 @@ def precision(dtype, device, note=True):
 
 
 def model_path(spec):
-    """What --model names: an existing file or folder as it is; a size name (gpt2, 124M, ...) as models/<size>/."""
+    """What --model names: an existing file or folder as it is; a size name (gpt2, 124M, ...) as
+    models/<size>/."""
     if os.path.exists(spec):
         return spec
     try:
@@ -315,14 +329,15 @@ UNREAD_FORMATS = {"pytorch_model.bin": "transformers' older pickle format",
 
 def check_format(path):
     """A model folder in a format gpt2.py does not read: one line saying how to make one it reads."""
-    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors",
-                                                                                          "hparams.json")):
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, name))
+                                      for name in ("model.safetensors", "hparams.json")):
         return
     for name, what in UNREAD_FORMATS.items():
         if os.path.isfile(os.path.join(path, name)):
-            raise UserError(f"{os.path.join(path, name)}: {what} is not read here, only model.safetensors whole "
-                            "(or OpenAI's files); write one with transformers: GPT2LMHeadModel.from_pretrained(folder)"
-                            ".save_pretrained(new_folder, max_shard_size='100GB')")
+            raise UserError(f"{os.path.join(path, name)}: {what} is not read here, only model.safetensors "
+                            "whole (or OpenAI's files); write one with transformers: "
+                            "GPT2LMHeadModel.from_pretrained(folder).save_pretrained(new_folder, "
+                            "max_shard_size='100GB')")
 
 
 def load_model(spec, reads_text=True):
@@ -336,8 +351,8 @@ def load_model(spec, reads_text=True):
     except ValueError as e:
         if "is a classifier" not in str(e):
             raise
-        raise UserError(f"{e}: it tells spam from ham, with  python finetune_spam.py --classify TEXT --out-dir "
-                        f"{os.path.dirname(spec) or '.'}") from None
+        raise UserError(f"{e}: it tells spam from ham, with  python finetune_spam.py --classify TEXT "
+                        f"--out-dir {os.path.dirname(spec) or '.'}") from None
     if reads_text and model.config.vocab_size < GPTConfig.vocab_size:
         raise UserError(f"{spec} has a vocabulary of {model.config.vocab_size:,} tokens, fewer than GPT-2's "
                         f"{GPTConfig.vocab_size:,}: it was not trained on GPT-2's tokens")
@@ -346,7 +361,8 @@ def load_model(spec, reads_text=True):
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """Silence what C++ libraries write to file descriptor 2 (TensorFlow logs there before any setting applies)."""
+    """Silence what C++ libraries write to file descriptor 2 (TensorFlow logs there before any setting
+    applies)."""
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
@@ -369,7 +385,8 @@ def openai_tokenizer(folder):
     """A Tokenizer from folder/encoder.json (token -> id)."""
     path = os.path.join(folder, "encoder.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: GPT-2's tokenizer is read from a model folder's encoder.json")
+        raise FileNotFoundError(f"{path} not found: GPT-2's tokenizer is read from a model folder's "
+                                "encoder.json")
     with open(path, encoding="utf-8") as f:
         encoder = json.load(f)
     # encoder.json spells each byte as a printable character: bytes '!'..'~', '¡'..'¬' and '®'..'ÿ'
@@ -400,9 +417,9 @@ def load_tokenizer(spec=None):
         local = sorted(glob(os.path.join(MODELS_DIR, "*", "encoder.json")))
         if local:
             return openai_tokenizer(os.path.dirname(local[0]))
-        raise UserError(f"GPT-2's tokenizer files could not be downloaded ({type(e).__name__}): connect to the "
-                        "internet once (tiktoken then caches them), set TIKTOKEN_CACHE_DIR to a folder holding "
-                        "tiktoken's cache, or put a model folder with encoder.json in models/ "
+        raise UserError(f"GPT-2's tokenizer files could not be downloaded ({type(e).__name__}): connect to "
+                        "the internet once (tiktoken then caches them), set TIKTOKEN_CACHE_DIR to a folder "
+                        "holding tiktoken's cache, or put a model folder with encoder.json in models/ "
                         "(python download_weights.py)") from None
 
 
@@ -420,9 +437,11 @@ def init_model(init_from, context_length=None, dropout=None, **size):
     if not changes:
         return model
     if changes.get("n_ctx", 0) > model.config.n_ctx:
-        raise UserError(f"--context-length {changes['n_ctx']} is longer than the model's {model.config.n_ctx}")
+        raise UserError(f"--context-length {changes['n_ctx']} is longer than the model's "
+                        f"{model.config.n_ctx}")
     state = model.state_dict()
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: changes.get("n_ctx", model.config.n_ctx)]
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: changes.get("n_ctx",
+                                                                                    model.config.n_ctx)]
     return load_weights(GPT.empty(replace(model.config, **changes)), state, init_from)
 
 
@@ -431,7 +450,8 @@ def train_layout(model):
     model's (in, out) matrices would cost a transposing copy at every step (bench.py's training rows)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and not module.weight.is_contiguous():
-            module.weight = torch.nn.Parameter(module.weight.detach().contiguous(), module.weight.requires_grad)
+            module.weight = torch.nn.Parameter(module.weight.detach().contiguous(),
+                                               module.weight.requires_grad)
     return model
 
 
@@ -443,32 +463,41 @@ def train_layout(model):
 def add_training_args(parser, **defaults):
     """The flags every training script shares, with one name and one meaning; defaults: the script's own."""
     add = parser.add_argument
-    add("--out-dir", default="out", help="where ckpt.pt (everything --resume needs), the best model and loss.png go")
+    add("--out-dir", default="out",
+        help="where ckpt.pt (everything --resume needs), the best model and loss.png go")
     add_overwrite_arg(parser, "--out-dir")
-    add("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt with its settings: flags given now override "
-        "them, except those that fix the model, the data and the batches")
-    add("--max-iters", type=number(int, 0), default=0, help="optimizer steps; 0: --epochs passes over the data")
+    add("--resume", action="store_true",
+        help="continue OUT_DIR/ckpt.pt with its settings: flags given now override them, except those that "
+        "fix the model, the data and the batches")
+    add("--max-iters", type=number(int, 0), default=0,
+        help="optimizer steps; 0: --epochs passes over the data")
     add("--epochs", type=number(int, 1), default=1, help="passes over the training data")
-    add("--batch-size", type=number(int, 1), default=8, help="examples per optimizer step, over all processes")
-    add("--grad-accum", type=number(int, 1), default=1, help="micro-batches per step and process: the same steps, "
-        "in less memory")
-    add("--context-length", type=number(int, 1), help="tokens per sequence: the model's window is cut to it (a "
-        "pretrained model keeps its first positions); None: the model's own")
+    add("--batch-size", type=number(int, 1), default=8,
+        help="examples per optimizer step, over all processes")
+    add("--grad-accum", type=number(int, 1), default=1,
+        help="micro-batches per step and process: the same steps, in less memory")
+    add("--context-length", type=number(int, 1),
+        help="tokens per sequence: the model's window is cut to it (a pretrained model keeps its first "
+        "positions); None: the model's own")
     add("--lr", type=number(float, 0), default=4e-4, help="peak learning rate")
-    add("--min-lr", type=number(float, 0), help="learning rate at the end of a cosine decay over all the steps; "
-        "None: --lr throughout (constant, as in the book)")
+    add("--min-lr", type=number(float, 0),
+        help="learning rate at the end of a cosine decay over all the steps; None: --lr throughout "
+        "(constant, as in the book)")
     add("--warmup-iters", type=number(int, 0), default=0, help="steps of linear warmup to --lr")
     add("--weight-decay", type=number(float, 0), default=0.1, help="AdamW's, on weight matrices only")
     add("--beta2", type=number(float, 0, 0.99999), default=0.999, help="AdamW's second-moment decay")
-    add("--grad-clip", type=number(float, 0), default=0.0, help="clip the gradient norm to this; 0: no clipping")
-    add("--eval-interval", type=number(int, 0), default=0, help="steps between evaluations; 0: once per epoch")
+    add("--grad-clip", type=number(float, 0), default=0.0,
+        help="clip the gradient norm to this; 0: no clipping")
+    add("--eval-interval", type=number(int, 0), default=0,
+        help="steps between evaluations; 0: once per epoch")
     add("--eval-batches", type=number(int, 0), default=5, help="batches of each split per evaluation; 0: all")
     add_device_arg(parser)
     add("--dtype", choices=list(DTYPES), default="float32", help="number format of training and evaluation: "
         "bfloat16 where the CPU (AMX, AVX-512 BF16, Arm BF16) or GPU computes it; float16 on GPUs")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--seed", type=int, default=123, help="for the initial weights, the order of the data and dropout")
-    for old, new in (("--out", "--out-dir"), ("--max-steps", "--max-iters"), ("--max-length", "--context-length")):
+    for old, new in (("--out", "--out-dir"), ("--max-steps", "--max-iters"),
+                     ("--max-length", "--context-length")):
         add_renamed(parser, old, new)
     parser.set_defaults(**defaults)
 
@@ -480,8 +509,9 @@ def resume_args(parser, ckpt, fixed):
     changed = [k for k in fixed if getattr(resumed, k) != ckpt["args"].get(k)]
     if changed:
         flag = "--" + changed[0].replace("_", "-")
-        raise UserError(f"{flag} {getattr(resumed, changed[0])} differs from the checkpoint's {ckpt['args'].get(changed[0])}, "
-                        f"and it cannot change on --resume: drop {flag}, or start a new run in another --out-dir")
+        raise UserError(f"{flag} {getattr(resumed, changed[0])} differs from the checkpoint's "
+                        f"{ckpt['args'].get(changed[0])}, and it cannot change on --resume: drop {flag}, or "
+                        "start a new run in another --out-dir")
     return resumed
 
 
@@ -493,8 +523,9 @@ def start_run(parser, args, out_dir, out_files, fixed):
         check_out_files(paths, args.overwrite, "--resume continues it, ")
         return args, None
     check_out_files(paths, overwrite=True)
-    ckpt = read_checkpoint(paths[0], "a checkpoint that --resume can continue", "nothing to resume (drop --resume "
-                           "to start a new run)", needs=("config", "model", "optimizer", "step", "tokens", "history", "args"))
+    ckpt = read_checkpoint(paths[0], "a checkpoint that --resume can continue",
+                           "nothing to resume (drop --resume to start a new run)",
+                           needs=("config", "model", "optimizer", "step", "tokens", "history", "args"))
     return resume_args(parser, ckpt, fixed), ckpt
 
 
@@ -541,7 +572,8 @@ def learning_rate(step, total, args):
 
 @functools.lru_cache(maxsize=1)
 def epoch_order(n, seed):
-    """A shuffle of n items, drawn once per epoch: 8 bytes an item (80 MB for 10B tokens in windows of 1024)."""
+    """A shuffle of n items, drawn once per epoch: 8 bytes an item (80 MB for 10B tokens in windows of
+    1024)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
@@ -558,10 +590,11 @@ def train(args, model, optimizer, amp, total, steps_per_epoch, micro_batches, lo
     """Train model (as wrapped for DDP or torch.compile; raw: the model itself) for total steps. Every
     --eval-interval steps and at the end: evaluate() -> {"train": loss, "val": loss, ...}, printed (with
     sample() if given) and kept in the history; a lower "val" writes best() into OUT_DIR/best_name, and
-    ckpt.pt is saved if SAVE_EVERY seconds have passed since it last was. A step: this process's micro_batches(step) (each a tuple, its input first), their
-    loss_of(model, batch), AdamW. Ctrl-C saves after the step and stops; --resume (ckpt) goes on bitwise.
-    patience: stop after that many evaluations without a lower "val". -> the progress: "step", "tokens",
-    "best_val", "history" ({"step", "tokens", "train", "val", ...} per evaluation, "loss" per step), "stopped"."""
+    ckpt.pt is saved if SAVE_EVERY seconds have passed since it last was. A step: this process's
+    micro_batches(step) (each a tuple, its input first), their loss_of(model, batch), AdamW. Ctrl-C saves
+    after the step and stops; --resume (ckpt) goes on bitwise. patience: stop after that many evaluations
+    without a lower "val". -> the progress: "step", "tokens", "best_val", "history" ({"step", "tokens",
+    "train", "val", ...} per evaluation, "loss" per step), "stopped"."""
     raw, master = raw or model, rank == 0
     autocast, scaler = amp
     keep_freed_memory()
@@ -570,17 +603,17 @@ def train(args, model, optimizer, amp, total, steps_per_epoch, micro_batches, lo
     progress["saved"] = time.time()  # (not saved in ckpt.pt: see save_latest)
     history, eval_interval = progress["history"], args.eval_interval or steps_per_epoch
     if master:
-        print(f"{total} steps of {args.batch_size} ({steps_per_epoch} per epoch), {world} process(es), {args.dtype}, "
-              f"from step {progress['step']}")
+        print(f"{total} steps of {args.batch_size} ({steps_per_epoch} per epoch), {world} process(es), "
+              f"{args.dtype}, from step {progress['step']}")
     stop = StopRequest()
     bar = tqdm_bar(total, progress["step"], disable=not master)
     train_time, steps_timed, tokens_timed, interrupted, patience_out = 0.0, 0, 0, False, False
     while True:
         step = progress["step"]
         if (step % eval_interval == 0 or step == total) and history["step"][-1:] != [step]:
-            patience_out = evaluate_and_save(args, model, raw, optimizer, scaler, progress, evaluate, autocast, best,
-                                             best_name, step, total, steps_per_epoch, world, master, bar, sample,
-                                             patience)
+            patience_out = evaluate_and_save(args, model, raw, optimizer, scaler, progress, evaluate,
+                                             autocast, best, best_name, step, total, steps_per_epoch, world,
+                                             master, bar, sample, patience)
         if step == total or interrupted or patience_out:
             break
         t0 = time.time()
@@ -605,8 +638,8 @@ def train(args, model, optimizer, amp, total, steps_per_epoch, micro_batches, lo
     if master:
         plot_history(history, os.path.join(args.out_dir, "loss.png"))
         if steps_timed:
-            print(f"{steps_timed} steps in {train_time:.0f} s, {tokens_timed / train_time:,.0f} tokens/s (evaluation "
-                  f"excluded); {args.out_dir}/ckpt.pt and loss.png written")
+            print(f"{steps_timed} steps in {train_time:.0f} s, {tokens_timed / train_time:,.0f} tokens/s "
+                  f"(evaluation excluded); {args.out_dir}/ckpt.pt and loss.png written")
         if interrupted:
             print(f"stopped at step {progress['step']}/{total}: {' '.join(resume_command(args))} continues")
     return {**progress, "stopped": interrupted}  # (and "saved", the time it was)
@@ -637,7 +670,8 @@ def resume_progress(ckpt, optimizer, scaler, best_path, world, rank):
         if "cuda" in ckpt["rng"][rank] and torch.cuda.is_available():
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
     elif rank == 0:
-        print(f"note: {len(ckpt['rng'])} processes wrote the checkpoint, {world} resume it: dropout draws new masks")
+        print(f"note: {len(ckpt['rng'])} processes wrote the checkpoint, {world} resume it: dropout "
+              "draws new masks")
     best_val = math.inf  # the best model file may be newer than ckpt.pt: never replace it by a worse one
     if os.path.isfile(best_path):
         best_val = read_checkpoint(best_path, "a model", "", needs=("val_loss",), mmap=True)["val_loss"]
@@ -645,8 +679,8 @@ def resume_progress(ckpt, optimizer, scaler, best_path, world, rank):
             "history": ckpt["history"]}
 
 
-def evaluate_and_save(args, model, raw, optimizer, scaler, progress, evaluate, autocast, best, best_name, step,
-                      total, steps_per_epoch, world, master, bar, sample, patience):
+def evaluate_and_save(args, model, raw, optimizer, scaler, progress, evaluate, autocast, best, best_name,
+                      step, total, steps_per_epoch, world, master, bar, sample, patience):
     """One evaluation: into the history and printed; best.pt if the validation loss fell; ckpt.pt
     between the first and the last step. -> whether patience ran out."""
     history = progress["history"]
@@ -666,7 +700,8 @@ def evaluate_and_save(args, model, raw, optimizer, scaler, progress, evaluate, a
     if metrics["val"] < progress["best_val"]:  # the best model file only ever gets a better model
         progress["best_val"] = metrics["val"]
         if master:
-            save_atomic({**best(), "step": step, "val_loss": metrics["val"]}, os.path.join(args.out_dir, best_name))
+            save_atomic({**best(), "step": step, "val_loss": metrics["val"]},
+                        os.path.join(args.out_dir, best_name))
     if 0 < step < total and time.time() - progress["saved"] > SAVE_EVERY:
         save_latest(raw, optimizer, scaler, progress, args, world, master)
     vals = history["val"]
@@ -719,8 +754,9 @@ def save_latest(raw, optimizer, scaler, progress, args, world, master):
     progress["saved"] = time.time()
     saved = {k: v for k, v in progress.items() if k != "saved"}
     if master:
-        save_atomic(raw.checkpoint(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                                   **saved, rng=rng, args=vars(args)), os.path.join(args.out_dir, "ckpt.pt"))
+        save_atomic(raw.checkpoint(optimizer=optimizer.state_dict(),
+                                   scaler=scaler.state_dict() if scaler else None, **saved, rng=rng,
+                                   args=vars(args)), os.path.join(args.out_dir, "ckpt.pt"))
 
 
 class StopRequest:
@@ -746,7 +782,8 @@ def plot_history(history, path):
     tokens = history["tokens"]
     panels = {"loss": {"train": (tokens, history["train"]), "validation": (tokens, history["val"])}}
     if "val_accuracy" in history:
-        panels["accuracy"] = {"train": (tokens, history["train_accuracy"]), "validation": (tokens, history["val_accuracy"])}
+        panels["accuracy"] = {"train": (tokens, history["train_accuracy"]),
+                              "validation": (tokens, history["val_accuracy"])}
     return plot_curves(path, "tokens seen", panels)
 
 

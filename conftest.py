@@ -18,11 +18,14 @@ OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2"
 RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main"
 DATA_FILES = {  # path in the data folder: where it is published
     "the-verdict.txt": f"{RASBT}/ch02/01_main-chapter-code/the-verdict.txt",
-    "tinyshakespeare.txt": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    "tinyshakespeare.txt":
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
     "instruction-data.json": f"{RASBT}/ch07/01_main-chapter-code/instruction-data.json",
-    "sms-spam/SMSSpamCollection": "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",  # in it
+    "sms-spam/SMSSpamCollection":
+        "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",  # in it
     **{f"gpt2-124M/{name}": f"{OPENAI}/models/124M/{name}"  # the small files only: no 500 MB of weights
-       for name in ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")},
+       for name in ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.index", "model.ckpt.meta",
+                    "vocab.bpe")},
 }
 # tiktoken's cache holds GPT-2's two BPE files under the sha1 of the address it would download each from.
 TIKTOKEN_FILES = {name: f"{OPENAI}/encodings/main/{name}" for name in ("encoder.json", "vocab.bpe")}
@@ -35,10 +38,12 @@ def missing(folder):
 def fetch_data(folder, mirror=None):
     """Download the DATA_FILES folder lacks into it, each file whole or not at all, and fill its
     tiktoken-cache/ from the BPE files."""
-    from common import download, replaced  # the project's own: resumes, retries, renames a file only when whole
+    # the project's own: resumes, retries, renames a file only when whole
+    from common import download, replaced
 
     for name in missing(folder):
-        url = DATA_FILES[name] if not mirror else DATA_FILES[name].replace("https://", mirror.rstrip("/") + "/")
+        url = (DATA_FILES[name] if not mirror
+               else DATA_FILES[name].replace("https://", mirror.rstrip("/") + "/"))
         if url.endswith(".zip"):
             with tempfile.TemporaryDirectory() as tmp:
                 archive = download(url, os.path.join(tmp, "archive.zip"))
@@ -65,12 +70,14 @@ def use_real_data():
         try:
             fetch_data(cache, os.environ.get("GPT2_DATA_MIRROR"))
         except Exception as e:
-            sys.exit(f"error: the tests read real data that {folder} lacks ({', '.join(missing(folder)[:3])}, ...) "
-                     f"and fetching it into {cache} failed ({' '.join(str(e).split())[:200]}): connect to the "
-                     "internet once, or set GPT2_DATA to a folder that holds it")
+            sys.exit(f"error: the tests read real data that {folder} lacks "
+                     f"({', '.join(missing(folder)[:3])}, ...) and fetching it into {cache} failed "
+                     f"({' '.join(str(e).split())[:200]}): connect to the internet once, or set GPT2_DATA to "
+                     "a folder that holds it")
         folder = cache
     os.environ["GPT2_DATA"] = str(folder)
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(folder / "tiktoken-cache"))  # tiktoken's gpt2 files, offline
+    # tiktoken's gpt2 files, offline
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(folder / "tiktoken-cache"))
     os.environ["TIKTOKEN_CACHE_DIR"] = str(Path(os.environ["TIKTOKEN_CACHE_DIR"]).resolve())
 
 

@@ -44,18 +44,22 @@ SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB of uint16), as build
 
 
 def text_files(path):
-    """A text file, or the .txt files anywhere under a folder, sorted by path (see the module's docstring on links)."""
+    """A text file, or the .txt files anywhere under a folder, sorted by path (see the module's docstring on
+    links)."""
     if os.path.isdir(path):
         walk = list(os.walk(path))  # os.walk does not follow links to folders
-        files = sorted(os.path.join(folder, name) for folder, _, names in walk for name in names if name.endswith(".txt"))
+        files = sorted(os.path.join(folder, name) for folder, _, names in walk for name in names
+                       if name.endswith(".txt"))
         if not files:
             raise UserError(f"no .txt files in {path}: --data takes a text file or a folder of .txt files")
         for f in files:
             if not os.path.isfile(f):
                 raise UserError(f"{f} is a link to nothing: remove it, or point it at a text file")
-        links = [os.path.join(folder, d) for folder, dirs, _ in walk for d in dirs if os.path.islink(os.path.join(folder, d))]
+        links = [os.path.join(folder, d) for folder, dirs, _ in walk for d in dirs
+                 if os.path.islink(os.path.join(folder, d))]
         if links:
-            print(f"links to folders are not followed: {', '.join(links[:3])}" + (", ..." if len(links) > 3 else ""),
+            print(f"links to folders are not followed: {', '.join(links[:3])}"
+                  + (", ..." if len(links) > 3 else ""),
                   file=sys.stderr)
         return files
     if not os.path.isfile(path):
@@ -85,7 +89,8 @@ def read_pieces(files):
                 text = ""
                 while block := fh.read(CHUNK_CHARS):
                     text += block
-                    if len(block) == CHUNK_CHARS and (cut := cut_point(text)):  # a shorter block ends the file
+                    # a shorter block ends the file
+                    if len(block) == CHUNK_CHARS and (cut := cut_point(text)):
                         yield (n, False), text[:cut]
                         text = text[cut:]
                 yield (n, True), text
@@ -108,7 +113,8 @@ def start_worker(tokenizer, parent):
 
 
 def end_with(parent):
-    """A worker's watch: once its parent is gone (killed with SIGKILL, say) it ends too, not working on alone."""
+    """A worker's watch: once its parent is gone (killed with SIGKILL, say) it ends too, not working on
+    alone."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
@@ -124,7 +130,8 @@ def encode_in_order(tokenizer, pieces, workers):
     """(tag, encode_piece(text)) for each (tag, text) of pieces, in order. With workers > 1 that many
     processes encode, each a piece at a time, and at most 2 x workers pieces are read ahead (threads,
     though tiktoken lets go of the GIL, scaled half as well: 16 reached 4x one, 16 processes 9x);
-    with 1, this process encodes. The workers end with the pool, however it ends (an error, Ctrl-C, SIGTERM)."""
+    with 1, this process encodes. The workers end with the pool, however it ends (an error, Ctrl-C,
+    SIGTERM)."""
     if workers == 1:
         for tag, text in pieces:
             yield tag, encode_piece(text, tokenizer)
@@ -156,8 +163,8 @@ def cache_lock(cache, exclusive):
         f = open(cache + ".lock", "a+")
     except OSError as e:
         if exclusive:
-            raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder you can "
-                            "write") from None
+            raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder "
+                            "you can write") from None
         yield  # a cache in a folder that cannot be written cannot be prepared either: nothing to wait for
         return
     with f:
@@ -182,23 +189,28 @@ def read_manifest(cache):
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
         files, shards = manifest["files"], manifest["shards"]
-        if not (isinstance(manifest["separator"], bool) and isinstance(files, list) and isinstance(shards, list)):
+        if not (isinstance(manifest["separator"], bool) and isinstance(files, list)
+                and isinstance(shards, list)):
             raise TypeError("separator, files or shards of the wrong kind")
         for f in files:
-            if not (isinstance(f["path"], str) and all(type(f[k]) is int for k in ("bytes", "mtime_ns", "tokens"))):
+            if not (isinstance(f["path"], str)
+                    and all(type(f[k]) is int for k in ("bytes", "mtime_ns", "tokens"))):
                 raise TypeError(f"the entry {str(f)[:60]}")
-        if not all(type(n) is int and n >= 0 for n in shards) or sum(shards) != sum(f["tokens"] for f in files):
+        if (not all(type(n) is int and n >= 0 for n in shards)
+                or sum(shards) != sum(f["tokens"] for f in files)):
             raise ValueError("the shards' sizes do not add up to the files' tokens")
         for i, n in enumerate(shards):
             if os.path.getsize(shard_path(cache, i)) != 2 * n:
                 raise ValueError(f"{shard_path(cache, i)} does not hold the {n:,} ids it should")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"the token cache {cache} is damaged ({' '.join(str(e).split())[:150]}): tokenizing again"
+        return None, (f"the token cache {cache} is damaged ({' '.join(str(e).split())[:150]}): "
+                      "tokenizing again")
     return manifest, None
 
 
 def unchanged_files(manifest, sources):
-    """How many of the first files are as the manifest recorded them: same path, size and modification time."""
+    """How many of the first files are as the manifest recorded them: same path, size and modification
+    time."""
     if not manifest or manifest["separator"] != sources["separator"]:
         return 0
     n = 0
@@ -217,8 +229,8 @@ class ShardWriter:
         self.cache, self.sizes, self.written = cache, sizes, []
         if sizes and sizes[-1] < SHARD_TOKENS:  # the last shard kept only in part: copied, then added to
             self.start(len(sizes) - 1)
-            np.memmap(shard_path(cache, len(sizes) - 1), dtype=np.uint16, mode="r", shape=(sizes[-1],)).tofile(
-                self.temporary(len(sizes) - 1))
+            np.memmap(shard_path(cache, len(sizes) - 1), dtype=np.uint16, mode="r",
+                      shape=(sizes[-1],)).tofile(self.temporary(len(sizes) - 1))
 
     def temporary(self, i):
         return f"{shard_path(self.cache, i)}.{os.getpid()}.tmp"
@@ -262,12 +274,14 @@ def prepare(files, sources, cache, old, keep, tokenizer, workers):
             os.remove(stale)  # from a preparation that was killed
         writer = ShardWriter(cache, sizes)
     except OSError as e:
-        raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder you can write") from None
+        raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder "
+                        "you can write") from None
 
     counts += [0] * (len(files) - keep)
     eot = np.array([tokenizer.eot_id], dtype=np.uint16)
     t0, total = time.time(), sum(f["bytes"] for f in sources["files"][keep:])
-    workers = min(workers, 1 + total // CHUNK_CHARS)  # no more than there are pieces: one file of 20 kB needs none
+    # no more than there are pieces: one file of 20 kB needs none
+    workers = min(workers, 1 + total // CHUNK_CHARS)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", delay=1) as bar:
         for (n, last), (ids, size) in encode_in_order(tokenizer, read_pieces(files[keep:]), workers):
             writer.write(ids)
@@ -283,8 +297,8 @@ def prepare(files, sources, cache, old, keep, tokenizer, workers):
     writer.replace_shards()
     write_json(manifest, os.path.join(cache, "manifest.json"))
     dt, new = time.time() - t0, sum(counts) - kept
-    print(f"tokenized {len(files) - keep} of {len(files)} file(s), {total / 1e6:,.1f} MB, into {new:,} tokens in {dt:.1f} s "
-          f"({new / max(dt, 1e-9):,.0f} tokens/s, {workers} worker(s)): {cache}")
+    print(f"tokenized {len(files) - keep} of {len(files)} file(s), {total / 1e6:,.1f} MB, into {new:,} "
+          f"tokens in {dt:.1f} s ({new / max(dt, 1e-9):,.0f} tokens/s, {workers} worker(s)): {cache}")
     return manifest
 
 
@@ -294,7 +308,8 @@ class Tokens:
 
     def __init__(self, cache, sizes, vocab_size):
         self.cache, self.vocab_size = cache, vocab_size
-        self.shards = [np.memmap(shard_path(cache, i), dtype=np.uint16, mode="r", shape=(n,)) for i, n in enumerate(sizes)]
+        self.shards = [np.memmap(shard_path(cache, i), dtype=np.uint16, mode="r", shape=(n,))
+                       for i, n in enumerate(sizes)]
         self.starts = np.cumsum([0, *sizes]).tolist()  # where each shard begins in the sequence
 
     def __len__(self):
@@ -307,9 +322,9 @@ class Tokens:
             take = min(end, self.starts[i + 1])
             parts.append(self.shards[i][begin - self.starts[i]:take - self.starts[i]])
             if parts[-1].max() >= self.vocab_size:
-                raise UserError(f"{shard_path(self.cache, i)} holds the id {parts[-1].max()}, past the vocabulary's "
-                                f"{self.vocab_size:,}: the token cache is damaged; delete {self.cache} and run again "
-                                "(it is rebuilt)")
+                raise UserError(f"{shard_path(self.cache, i)} holds the id {parts[-1].max()}, past the "
+                                f"vocabulary's {self.vocab_size:,}: the token cache is damaged; delete "
+                                f"{self.cache} and run again (it is rebuilt)")
             begin, i = take, i + 1
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
@@ -321,7 +336,8 @@ def load_tokens(path, tokenizer, workers=WORKERS):
     files, cache = text_files(path), os.path.normpath(path) + ".tokens"
     root = path if os.path.isdir(path) else os.path.dirname(path)
     stats = [(os.path.relpath(f, root), os.stat(f)) for f in files]
-    sources = {"separator": os.path.isdir(path),  # a folder's documents end with <|endoftext|>, a single file does not
+    # a folder's documents end with <|endoftext|>, a single file does not
+    sources = {"separator": os.path.isdir(path),
                "files": [{"path": p, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in stats]}
     for exclusive in (False, True):  # a look under a shared lock; if the cache is out of date, prepare it
         with cache_lock(cache, exclusive):

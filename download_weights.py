@@ -16,8 +16,8 @@ same files into DIR for any model the scripts load: a size name, a model folder 
 import os
 import shutil
 
-from common import (MODELS_DIR, add_overwrite_arg, argument_parser, check_out_files, download, load_model, model_path,
-                    replaced, run, write_json)
+from common import (MODELS_DIR, add_overwrite_arg, argument_parser, check_out_files, download, load_model,
+                    model_path, replaced, run, write_json)
 from gpt2 import GPT, HF_CONFIG, GPTConfig, size_name
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
@@ -33,8 +33,10 @@ PUBLISHED = {
     "774M": {},
     "1558M": {},
 }
-HF_FILES = ["model.safetensors", "config.json"]  # written in this order: config.json there = the folder is whole
-TOKENIZER_FILES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}  # OpenAI's names -> transformers' (same files)
+# written in this order: config.json there = the folder is whole
+HF_FILES = ["model.safetensors", "config.json"]
+# OpenAI's names -> transformers' (same files)
+TOKENIZER_FILES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
 
 
 def write_hf(model, folder, tokenizer_from=None):
@@ -44,8 +46,10 @@ def write_hf(model, folder, tokenizer_from=None):
     from safetensors.torch import save_file  # needed only here
 
     os.makedirs(folder, exist_ok=True)
-    tensors = {name: (p.t() if name.endswith(GPT.CONV1D) else p).contiguous()  # (out, in) -> transformers' (in, out)
-               for name, p in model.state_dict().items() if name != "lm_head.weight"}  # tied to wte: stored once
+    # (out, in) -> transformers' (in, out)
+    tensors = {name: (p.t() if name.endswith(GPT.CONV1D) else p).contiguous()
+               # tied to wte: stored once
+               for name, p in model.state_dict().items() if name != "lm_head.weight"}
     path = os.path.join(folder, "model.safetensors")
     with replaced(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -64,7 +68,8 @@ def write_hf(model, folder, tokenizer_from=None):
 
 
 def converted(folder):
-    """Whether folder holds a whole conversion: config.json, and a model.safetensors as long as its index says."""
+    """Whether folder holds a whole conversion: config.json, and a model.safetensors as long as its index
+    says."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -76,7 +81,8 @@ def converted(folder):
 
 def convert(folder):
     """OpenAI's TensorFlow checkpoint in folder -> a Hugging Face GPT-2 folder's files beside it."""
-    for name in HF_FILES:  # an older or partial conversion: GPT.from_pretrained would read it, not the checkpoint
+    # an older or partial conversion: GPT.from_pretrained would read it, not the checkpoint
+    for name in HF_FILES:
         if os.path.exists(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
     print(f"{folder}: converting the TensorFlow checkpoint to model.safetensors (loads without TensorFlow)")
@@ -85,11 +91,13 @@ def convert(folder):
 
 def main():
     parser = argument_parser(__doc__)
-    parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    parser.add_argument("--model", default="124M",
+                        help="124M, 355M, 774M, 1558M or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     parser.add_argument("--models-dir", default=MODELS_DIR, help="the files go to <models-dir>/<size>/")
     parser.add_argument("--base-url", default=BASE_URL, help="where the <size>/<file> URLs start")
-    parser.add_argument("--export-hf", nargs=2, metavar=("MODEL", "DIR"), help="instead of downloading: write MODEL "
-                        "(a size name, a model folder or a .pt) into DIR as a Hugging Face GPT-2 folder")
+    parser.add_argument("--export-hf", nargs=2, metavar=("MODEL", "DIR"),
+                        help="instead of downloading: write MODEL (a size name, a model folder or a .pt) "
+                        "into DIR as a Hugging Face GPT-2 folder")
     add_overwrite_arg(parser, "--export-hf's DIR")
     args = parser.parse_args()
 
@@ -97,8 +105,10 @@ def main():
         spec, out = args.export_hf
         check_out_files([os.path.join(out, name) for name in HF_FILES], args.overwrite)
         source = model_path(spec)
-        write_hf(load_model(spec, reads_text=False), out, tokenizer_from=source if os.path.isdir(source) else None)
-        print(f"{out}: a Hugging Face GPT-2 folder; transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")
+        write_hf(load_model(spec, reads_text=False), out,
+                 tokenizer_from=source if os.path.isdir(source) else None)
+        print(f"{out}: a Hugging Face GPT-2 folder; "
+              f"transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")
         return
     size = size_name(args.model)
     folder = os.path.join(args.models_dir, size)

@@ -1,10 +1,12 @@
 """Look inside a GPT-2: its weights, its attention, its token embeddings and its predictions.
 
-    python explore.py --model ../shared/data/gpt2-124M --weights      # OpenAI's 124M layer by layer (the index is enough)
+    python explore.py --model ../shared/data/gpt2-124M --weights      # OpenAI's 124M layer by layer
+                                                                      # (the index is enough)
     python explore.py --model out/best.pt --attention "To be, or not to be" --layer 1 --head 2
     python explore.py --model gpt2 --neighbors king --analogy "king - man + woman"
     python explore.py --model gpt2 --words king queen man woman Paris London France England
-    python explore.py --model out/best.pt --next "First Citizen: Before we proceed any further, hear me speak."
+    python explore.py --model out/best.pt \\
+        --next "First Citizen: Before we proceed any further, hear me speak."
 
 --model is what sample.py takes: a size name (weights from download_weights.py), an OpenAI
 model folder or a .pt of this project. Each view prints a short summary; the pictures
@@ -20,8 +22,8 @@ import re
 import torch
 from torch.nn import functional as F
 
-from common import (UserError, add_renamed, argument_parser, load_model, load_tokenizer, model_path, number, pyplot,
-                    quiet_stderr, save_figure, run)
+from common import (UserError, add_renamed, argument_parser, load_model, load_tokenizer, model_path, number,
+                    pyplot, quiet_stderr, save_figure, run)
 from gpt2 import GPT, MODEL_SIZES, GPTConfig, read_config
 
 LABEL_CHARS = 12  # longest token label drawn on an axis
@@ -48,13 +50,15 @@ def index_tensors(folder):
         import tensorflow as tf  # only here: OpenAI's index is a TensorFlow file
 
     config = read_config(os.path.join(folder, "hparams.json"))
-    found = {name: tuple(shape) for name, shape in tf.train.list_variables(os.path.join(folder, "model.ckpt"))}
+    found = {name: tuple(shape)
+             for name, shape in tf.train.list_variables(os.path.join(folder, "model.ckpt"))}
     tensors = []
     for name, p in skeleton(config).named_parameters():
         tf_name = GPT.openai_name(name)
         if math.prod(found.get(tf_name, ())) != p.numel():  # (the same numbers, maybe in another layout)
             has = list(found[tf_name]) if tf_name in found else "nothing by that name"
-            raise UserError(f"{folder}: {tf_name} should hold the {p.numel():,} numbers of {name}, the index has {has}")
+            raise UserError(f"{folder}: {tf_name} should hold the {p.numel():,} numbers of {name}, the "
+                            f"index has {has}")
         tensors.append((name, tuple(p.shape), found[tf_name]))
     return tensors
 
@@ -71,7 +75,8 @@ def model_tensors(spec):
 def group(name):
     """'transformer.h.3.attn.c_attn.weight' -> 'h.3'; the embeddings and ln_f are groups of their own."""
     parts = name.removeprefix("transformer.").split(".")
-    return f"h.{parts[1]}" if parts[0] == "h" else {"wte": "embeddings", "wpe": "embeddings"}.get(parts[0], parts[0])
+    return (f"h.{parts[1]}" if parts[0] == "h"
+            else {"wte": "embeddings", "wpe": "embeddings"}.get(parts[0], parts[0]))
 
 
 def show_weights(spec):
@@ -117,7 +122,8 @@ def word_id(tokenizer, word):
     ids = tokenizer.encode(text)
     if len(ids) != 1:
         pieces = " + ".join(repr(tokenizer.decode([i])) for i in ids)
-        raise UserError(f"{text!r} is {len(ids)} tokens ({pieces}), not one: choose a word that is a single token")
+        raise UserError(f"{text!r} is {len(ids)} tokens ({pieces}), not one: choose a word that is a "
+                        "single token")
     return ids[0]
 
 
@@ -155,7 +161,8 @@ def heatmap(ax, weights, labels, title, xlabels=True, ylabels=True):
 def show_attention(model, tokenizer, text, layer, head, out):
     n_layer, n_head = model.config.n_layer, model.config.n_head
     if layer >= n_layer or head >= n_head:
-        raise UserError(f"--layer {layer} --head {head}: the model has layers 0-{n_layer - 1} and heads 0-{n_head - 1}")
+        raise UserError(f"--layer {layer} --head {head}: the model has layers 0-{n_layer - 1} and heads "
+                        f"0-{n_head - 1}")
     ids = encode_text(tokenizer, model, text, "--attention")
     weights = attention_weights(model, ids)[layer]  # (n_head, T, T)
     labels = [label(tokenizer, i) for i in ids]
@@ -185,10 +192,12 @@ def show_attention(model, tokenizer, text, layer, head, out):
     print(f"layer {layer}, head {head} ({one}): each token and the token it attends to most")
     for q, row in enumerate(weights[head]):
         k = row.argmax().item()
-        print(f"  {tokenizer.decode([ids[q]])!r:>16} -> {tokenizer.decode([ids[k]])!r:<16} {row[k].item():.2f}")
+        print(f"  {tokenizer.decode([ids[q]])!r:>16} -> {tokenizer.decode([ids[k]])!r:<16} "
+              f"{row[k].item():.2f}")
     print(f"layer {layer}, all heads ({grid}): mean weight on itself / the previous token / the first token")
     for h, w in enumerate(weights):  # over tokens 1..T-1: token 0 can only attend to itself
-        print(f"  head {h:>2}: {w.diagonal()[1:].mean():.2f} / {w.diagonal(-1).mean():.2f} / {w[1:, 0].mean():.2f}")
+        print(f"  head {h:>2}: {w.diagonal()[1:].mean():.2f} / {w.diagonal(-1).mean():.2f} / "
+              f"{w[1:, 0].mean():.2f}")
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +221,8 @@ def parse_sum(expression):
     """'king - man + woman' -> [(1, 'king'), (-1, 'man'), (1, 'woman')]."""
     parts = re.split(r"\s+([+-])\s+", expression.strip())
     if len(parts) < 3:
-        raise UserError(f"--analogy {expression!r}: write words joined by ' - ' and ' + ', such as 'king - man + woman'")
+        raise UserError(f"--analogy {expression!r}: write words joined by ' - ' and ' + ', such as "
+                        "'king - man + woman'")
     return [(1, parts[0])] + [(1 if op == "+" else -1, word) for op, word in zip(parts[1::2], parts[2::2])]
 
 
@@ -280,13 +290,16 @@ def next_token_probabilities(model, ids):
 def show_next(model, tokenizer, text, k, out):
     ids = encode_text(tokenizer, model, text, "--next")
     probs = next_token_probabilities(model, ids)
-    surprisal = [-math.log(probs[t, ids[t + 1]].item()) for t in range(len(ids) - 1)]  # nats; the loss is its mean
+    # nats; the loss is its mean
+    surprisal = [-math.log(probs[t, ids[t + 1]].item()) for t in range(len(ids) - 1)]
     loss = sum(surprisal) / len(surprisal)
     print(f"{'token':>16}  {'next':<16} {'p(next)':>9} {'-ln p':>6}   top {k} predictions")
     for t, i in enumerate(ids):
         top = probs[t].topk(k)
-        guesses = ", ".join(f"{tokenizer.decode([j])!r} {p:.4g}" for p, j in zip(top.values.tolist(), top.indices.tolist()))
-        actual = (f"{tokenizer.decode([ids[t + 1]])!r:<16} {probs[t, ids[t + 1]].item():>9.4g} {surprisal[t]:>6.2f}"
+        guesses = ", ".join(f"{tokenizer.decode([j])!r} {p:.4g}"
+                            for p, j in zip(top.values.tolist(), top.indices.tolist()))
+        actual = (f"{tokenizer.decode([ids[t + 1]])!r:<16} {probs[t, ids[t + 1]].item():>9.4g} "
+                  f"{surprisal[t]:>6.2f}"
                   if t + 1 < len(ids) else f"{'(end)':<16} {'':>9} {'':>6}")
         print(f"{tokenizer.decode([i])!r:>16}  {actual}   {guesses}")
     print(f"loss {loss:.3f} nats per token, perplexity {math.exp(loss):.1f} ({len(surprisal)} predictions)")
@@ -306,25 +319,36 @@ def show_next(model, tokenizer, text, k, out):
 
 def main():
     parser = argument_parser(__doc__)
-    parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, ...), a folder or a .pt")
+    parser.add_argument("--model", default="124M",
+                        help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, ...), a folder or a .pt")
     parser.add_argument("--out-dir", default="out/explore", help="where the pictures go")
     add_renamed(parser, "--out", "--out-dir")
-    parser.add_argument("--weights", action="store_true", help="every tensor, its OpenAI name, shape and size; the four sizes")
-    parser.add_argument("--attention", metavar="TEXT", help="heatmaps of the attention weights over this text")
-    parser.add_argument("--layer", type=number(int, 0), default=0, help="the layer --attention draws (0 = first)")
+    parser.add_argument("--weights", action="store_true",
+                        help="every tensor, its OpenAI name, shape and size; the four sizes")
+    parser.add_argument("--attention", metavar="TEXT",
+                        help="heatmaps of the attention weights over this text")
+    parser.add_argument("--layer", type=number(int, 0), default=0,
+                        help="the layer --attention draws (0 = first)")
     parser.add_argument("--head", type=number(int, 0), default=0, help="the head --attention draws alone")
-    parser.add_argument("--neighbors", metavar="WORD", help="the tokens whose embeddings are closest to this word's")
-    parser.add_argument("--analogy", metavar="'A - B + C'", help="embedding arithmetic: the tokens closest to the sum")
-    parser.add_argument("--words", nargs="+", metavar="WORD", help="draw these words' embeddings on a plane (PCA; 3 words or more)")
-    parser.add_argument("--next", metavar="TEXT", help="the next-token predictions at each position, the loss and surprisal")
-    parser.add_argument("--top-k", type=number(int, 1), default=5, help="tokens shown per prediction or per search")
+    parser.add_argument("--neighbors", metavar="WORD",
+                        help="the tokens whose embeddings are closest to this word's")
+    parser.add_argument("--analogy", metavar="'A - B + C'",
+                        help="embedding arithmetic: the tokens closest to the sum")
+    parser.add_argument("--words", nargs="+", metavar="WORD",
+                        help="draw these words' embeddings on a plane (PCA; 3 words or more)")
+    parser.add_argument("--next", metavar="TEXT",
+                        help="the next-token predictions at each position, the loss and surprisal")
+    parser.add_argument("--top-k", type=number(int, 1), default=5,
+                        help="tokens shown per prediction or per search")
     args = parser.parse_args()
     views_of_the_model = [args.attention, args.neighbors, args.analogy, args.words, args.next]
     if not args.weights and all(view is None for view in views_of_the_model):
-        parser.error("choose at least one view: --weights, --attention, --neighbors, --analogy, --words or --next")
+        parser.error("choose at least one view: --weights, --attention, --neighbors, --analogy, "
+                     "--words or --next")
 
     if args.top_k > GPTConfig.vocab_size:
-        raise UserError(f"--top-k {args.top_k:,} is more than the {GPTConfig.vocab_size:,} tokens of GPT-2's vocabulary")
+        raise UserError(f"--top-k {args.top_k:,} is more than the {GPTConfig.vocab_size:,} tokens of "
+                        "GPT-2's vocabulary")
     if args.weights:
         show_weights(args.model)
     if all(view is None for view in views_of_the_model):

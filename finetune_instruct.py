@@ -22,21 +22,23 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (UserError, add_model_args, add_renamed, add_training_args, argument_parser, check_size_args, check_training_memory,
-                    configure_optimizer, ensure_file, format_prompt, init_model, load_tokenizer, number, pick_device,
-                    precision, run, start_run, step_items, train, train_layout, write_json)
+from common import (UserError, add_model_args, add_renamed, add_training_args, argument_parser,
+                    check_size_args, check_training_memory, configure_optimizer, ensure_file, format_prompt,
+                    init_model, load_tokenizer, number, pick_device, precision, run, start_run, step_items,
+                    train, train_layout, write_json)
 from gpt2 import GPT, GPTConfig, load_weights
 
 DATA = "data/instruction-data.json"
-DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+            "instruction-data.json")
 SPLIT = (0.85, 0.10)  # train, test; the remaining 5% is validation (the book's split, in file order)
 IGNORE = -100  # target id that cross_entropy skips
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer inside the blocks
 SAMPLE_TOKENS = 35  # length of the answer shown at each evaluation
 OUT_FILES = ("best.pt", "loss.png", "responses.json")  # what a run writes into --out-dir, besides ckpt.pt
 # What --resume cannot change: the model, the data and which examples each step trains on.
-FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "lora_rank", "lora_alpha",
-                   "mask_prompt", "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "lora_rank",
+                   "lora_alpha", "mask_prompt", "batch_size", "seed")
 OLLAMA_URL = "http://localhost:11434"
 JUDGE_MODEL = "llama3"
 JUDGE_RETRIES = 2  # extra tries when the judge's reply is not a number
@@ -97,7 +99,8 @@ def collate(batch, pad_id, mask_prompt=False, max_length=None):
         inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
         targets[row, :len(ids) - 1] = torch.tensor(ids[1:])
         if mask_prompt:
-            targets[row, :prompt_len - 1] = IGNORE  # position prompt_len - 1 predicts the answer's first token
+            # position prompt_len - 1 predicts the answer's first token
+            targets[row, :prompt_len - 1] = IGNORE
     return inputs, targets
 
 
@@ -156,7 +159,8 @@ def build_model(args, ckpt):
     """The model to train: new (from --init-from, with LoRA if asked) or as ckpt.pt left it."""
     torch.manual_seed(args.seed)
     if ckpt:
-        dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout  # it may change on resume
+        # it may change on resume
+        dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout
         model = GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": dropout}))
         model = add_lora(model, args.lora_rank, args.lora_alpha) if args.lora_rank else model
         load_weights(model, ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
@@ -185,7 +189,8 @@ def respond(model, tokenizer, entries, max_new_tokens):
     prompts = [tokenizer.encode(format_prompt(entry)) for entry in entries]
     outs = model.generate(prompts, max_new_tokens, temperature=0, eos_id=tokenizer.eot_id)
     model.train(was_training)
-    return [tokenizer.decode([t for t in out[len(p):] if t != tokenizer.eot_id]).strip() for p, out in zip(prompts, outs)]
+    return [tokenizer.decode([t for t in out[len(p):] if t != tokenizer.eot_id]).strip()
+            for p, out in zip(prompts, outs)]
 
 
 def finetune(args, ckpt):
@@ -198,7 +203,8 @@ def finetune(args, ckpt):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-          + (f", LoRA rank {args.lora_rank} alpha {args.lora_alpha}" if args.lora_rank else ", full fine-tuning"))
+          + (f", LoRA rank {args.lora_rank} alpha {args.lora_alpha}" if args.lora_rank
+             else ", full fine-tuning"))
 
     tokenizer = load_tokenizer(args.init_from)
     max_length = model.config.n_ctx  # (--context-length cut the model's window to it)
@@ -210,11 +216,12 @@ def finetune(args, ckpt):
     if args.mask_prompt:  # a prompt that fills the window leaves no answer token to learn from
         train_data, val_data = ([d for d in data if d[1] <= max_length] for data in (train_data, val_data))
         if not (train_data and val_data):
-            raise UserError(f"every prompt is longer than --context-length {max_length}: raise it or drop --mask-prompt")
+            raise UserError(f"every prompt is longer than --context-length {max_length}: raise it or drop "
+                            "--mask-prompt")
     steps_per_epoch = len(train_data) // args.batch_size
     if not steps_per_epoch or args.batch_size % args.grad_accum:
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} and at "
-                        f"most the {len(train_data)} training entries")
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum "
+                        f"{args.grad_accum} and at most the {len(train_data)} training entries")
     longest = min(max(len(ids) for ids, _ in train_data), max_length)
     check_training_memory(model, args.batch_size // args.grad_accum * longest, args.dtype, device)
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))
@@ -230,14 +237,15 @@ def finetune(args, ckpt):
                 for name, data in (("train", train_data), ("val", val_data))}
 
     def sample():
-        return f"{val_set[0]['instruction']!r} -> {respond(model, tokenizer, val_set[:1], SAMPLE_TOKENS)[0]!r}"
+        return (f"{val_set[0]['instruction']!r} -> "
+                f"{respond(model, tokenizer, val_set[:1], SAMPLE_TOKENS)[0]!r}")
 
     def best():  # a plain GPT checkpoint: LoRA merged into the weights it changes
         return (merge_lora(copy.deepcopy(model)) if args.lora_rank else model).checkpoint(args=vars(args))
 
-    progress = train(args, trained, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch, steps_per_epoch,
-                     micro_batches=micro_batches, loss_of=lambda m, batch: m(*batch)[1], evaluate=evaluate,
-                     best=best, ckpt=ckpt, raw=model, sample=sample)
+    progress = train(args, trained, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch,
+                     steps_per_epoch, micro_batches=micro_batches, loss_of=lambda m, batch: m(*batch)[1],
+                     evaluate=evaluate, best=best, ckpt=ckpt, raw=model, sample=sample)
     if progress["stopped"]:
         sys.exit(130)
     best_path, responses_path = (os.path.join(args.out_dir, name) for name in ("best.pt", "responses.json"))
@@ -247,8 +255,10 @@ def finetune(args, ckpt):
     for i in tqdm(range(0, len(test_set), args.batch_size), desc="answering the test split", unit="batch"):
         with amp[0]:
             answers += respond(model, tokenizer, test_set[i:i + args.batch_size], args.max_new_tokens)
-    write_json([{**entry, "model_response": answer} for entry, answer in zip(test_set, answers)], responses_path)
-    print(f"wrote {responses_path}; score the answers with\n  python finetune_instruct.py --judge {responses_path}")
+    write_json([{**entry, "model_response": answer} for entry, answer in zip(test_set, answers)],
+               responses_path)
+    print(f"wrote {responses_path}; score the answers with\n  python finetune_instruct.py --judge "
+          f"{responses_path}")
 
 
 # -----------------------------------------------------------------------------
@@ -259,18 +269,21 @@ def ask_ollama(url, model, messages, seed):
     """One non-streamed reply from Ollama's /api/chat, deterministic (temperature 0, fixed seed)."""
     import requests
 
-    body = {"model": model, "messages": messages, "stream": False, "options": {"temperature": 0, "seed": seed}}
+    body = {"model": model, "messages": messages, "stream": False,
+            "options": {"temperature": 0, "seed": seed}}
     try:
         r = requests.post(f"{url.rstrip('/')}/api/chat", json=body, timeout=JUDGE_TIMEOUT)
     except requests.ConnectionError:
-        raise UserError(f"cannot reach Ollama at {url}: start it with `ollama serve`, or pass --ollama-url") from None
+        raise UserError(f"cannot reach Ollama at {url}: start it with `ollama serve`, or pass "
+                        "--ollama-url") from None
     except requests.Timeout:
         raise UserError(f"Ollama at {url} gave no answer in {JUDGE_TIMEOUT} s") from None
     try:
         reply = r.json()
     except ValueError:
         reply = {}
-    page = " ".join(re.sub(r"<[^>]*>", " ", r.text).split())[:200]  # an HTML error page, as one line of its text
+    # an HTML error page, as one line of its text
+    page = " ".join(re.sub(r"<[^>]*>", " ", r.text).split())[:200]
     error = reply.get("error", page) if isinstance(reply, dict) else page
     if r.status_code == 404 and "not found" in str(error) and "model" in str(error):
         raise UserError(f"Ollama at {url} has no model {model!r} ({error}): run `ollama pull {model}`, "
@@ -279,8 +292,8 @@ def ask_ollama(url, model, messages, seed):
         raise UserError(f"Ollama at {url} answered HTTP {r.status_code}: {error}")
     content = reply.get("message", {}).get("content") if isinstance(reply, dict) else None
     if not isinstance(content, str):
-        raise UserError(f"{url}/api/chat did not answer with Ollama's chat JSON (a message with text content): "
-                        "is it an Ollama server?")
+        raise UserError(f"{url}/api/chat did not answer with Ollama's chat JSON (a message with text "
+                        "content): is it an Ollama server?")
     return content
 
 
@@ -295,7 +308,8 @@ def parse_score(reply):
 
 def judge(entry, url, model, seed):
     """The judge's score for entry["model_response"], or None when it never replies with a number."""
-    prompt = JUDGE_PROMPT.format(prompt=format_prompt(entry), output=entry["output"], response=entry["model_response"])
+    prompt = JUDGE_PROMPT.format(prompt=format_prompt(entry), output=entry["output"],
+                                 response=entry["model_response"])
     messages = [{"role": "user", "content": prompt}]
     for _ in range(1 + JUDGE_RETRIES):
         reply = ask_ollama(url, model, messages, seed)
@@ -323,7 +337,8 @@ def score_responses(args):
     valid = [s for s in scores if s is not None]
     failed = len(scores) - len(valid)
     if not valid:
-        raise UserError(f"the judge gave no score to any of the {len(scores)} entries: {args.judge} is left as it was")
+        raise UserError(f"the judge gave no score to any of the {len(scores)} entries: {args.judge} is "
+                        "left as it was")
     for entry, score in zip(entries, scores):
         entry["score"] = score if score is not None else entry.get("score")
     write_json(entries, args.judge)
@@ -334,21 +349,24 @@ def score_responses(args):
 
 def main():
     p = argument_parser(__doc__)
-    p.add_argument("--data", default=DATA, help="JSON list of {instruction, input, output}; downloaded when it is the "
+    p.add_argument("--data", default=DATA,
+                   help="JSON list of {instruction, input, output}; downloaded when it is the "
                    "default and missing")
     add_model_args(p, "gpt2-medium")
-    p.add_argument("--lora-rank", type=number(int, 0), default=0, help="0 trains every weight; >0 trains only LoRA "
-                   "matrices of this rank")
-    p.add_argument("--lora-alpha", type=number(float, 0), default=16.0, help="LoRA scale: the update is multiplied "
-                   "by alpha / rank")
+    p.add_argument("--lora-rank", type=number(int, 0), default=0,
+                   help="0 trains every weight; >0 trains only LoRA matrices of this rank")
+    p.add_argument("--lora-alpha", type=number(float, 0), default=16.0,
+                   help="LoRA scale: the update is multiplied by alpha / rank")
     p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the responses only")
-    p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest answer to the test instructions")
-    p.add_argument("--judge", metavar="RESPONSES", help="score this responses JSON with the Ollama judge instead of "
-                   "training")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256,
+                   help="longest answer to the test instructions")
+    p.add_argument("--judge", metavar="RESPONSES",
+                   help="score this responses JSON with the Ollama judge instead of training")
     add_renamed(p, "--evaluate", "--judge")
     p.add_argument("--ollama-url", default=OLLAMA_URL)
     p.add_argument("--judge-model", default=JUDGE_MODEL)
-    add_training_args(p, out_dir="out/instruct", epochs=2, batch_size=8, lr=5e-5, beta2=0.95, eval_interval=20)
+    add_training_args(p, out_dir="out/instruct", epochs=2, batch_size=8, lr=5e-5, beta2=0.95,
+                      eval_interval=20)
     args = p.parse_args()
     check_size_args(args)
     if args.judge:

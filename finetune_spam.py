@@ -7,10 +7,12 @@ are trained (a model from scratch trains everything). The step of lowest validat
 is kept (--patience stops early after that many evaluations without a lower one).
 
     python finetune_spam.py --init-from gpt2                        # OpenAI's 124M weights
+    # no weights: ~80 s of CPU
     python finetune_spam.py --init-from scratch --n-layer 4 --n-head 4 --n-embd 128 --context-length 300 \\
-        --trainable-blocks all --dropout 0.1 --lr 1e-3 --warmup-iters 65 --min-lr 0   # no weights: ~80 s of CPU
+        --trainable-blocks all --dropout 0.1 --lr 1e-3 --warmup-iters 65 --min-lr 0
     python finetune_spam.py --classify "You won a free cruise, call now"
-    python finetune_spam.py --seeds 0-9 ...                         # ten runs, out/spam/seed<S>/; mean, std, worst
+    python finetune_spam.py --seeds 0-9 ...                         # ten runs, out/spam/seed<S>/;
+                                                                    # mean, std, worst
 """
 
 import argparse
@@ -27,9 +29,10 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import (UserError, add_model_args, add_training_args, argument_parser, check_out_files, check_size_args, check_training_memory,
-                    configure_optimizer, ensure_file, init_model, load_tokenizer, number, pick_device, precision,
-                    read_checkpoint, replaced, run, start_run, step_items, train, train_layout, write_json)
+from common import (UserError, add_model_args, add_training_args, argument_parser, check_out_files,
+                    check_size_args, check_training_memory, configure_optimizer, ensure_file, init_model,
+                    load_tokenizer, number, pick_device, precision, read_checkpoint, replaced, run, start_run,
+                    step_items, train, train_layout, write_json)
 from gpt2 import GPT, GPTConfig, load_weights
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -37,10 +40,11 @@ DATA_FILE = "data/sms-spam/SMSSpamCollection"
 LABELS = ["ham", "spam"]  # class index -> name; spam is the positive class
 SPLITS = {"train": 0.7, "validation": 0.1, "test": 0.2}
 MAX_SEEDS = 1000  # --seeds runs one fine-tuning per seed, a minute or more each
-OUT_FILES = ("classifier.pt", "loss.png", "metrics.json")  # what a run writes into its out-dir, besides ckpt.pt
+# what a run writes into its out-dir, besides ckpt.pt
+OUT_FILES = ("classifier.pt", "loss.png", "metrics.json")
 # What --resume cannot change: the model, the data and which messages each step trains on.
-FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "trainable_blocks", "pool",
-                   "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "trainable_blocks",
+                   "pool", "batch_size", "seed")
 
 
 # -----------------------------------------------------------------------------
@@ -75,7 +79,8 @@ def balanced_split(messages, seed):
     balanced = [m for ms in by_label.values() for m in rng.sample(ms, n)]
     rng.shuffle(balanced)
     n_train, n_val = int(len(balanced) * SPLITS["train"]), int(len(balanced) * SPLITS["validation"])
-    split = {"train": balanced[:n_train], "validation": balanced[n_train:n_train + n_val], "test": balanced[n_train + n_val:]}
+    split = {"train": balanced[:n_train], "validation": balanced[n_train:n_train + n_val],
+             "test": balanced[n_train + n_val:]}
     if not all(split.values()):
         raise UserError(f"{len(balanced)} balanced messages ({n} spam) are too few to split 70/10/20 into "
                         "train, validation and test: use a larger collection")
@@ -85,7 +90,8 @@ def balanced_split(messages, seed):
 def write_split(split, folder, seed):
     """Each part as folder/<part>-seed<seed>.tsv, in the source's own format."""
     for name, messages in split.items():
-        with replaced(os.path.join(folder, f"{name}-seed{seed}.tsv")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with replaced(os.path.join(folder, f"{name}-seed{seed}.tsv")) as tmp, \
+                open(tmp, "w", encoding="utf-8") as f:
             f.writelines(f"{label}\t{text}\n" for label, text in messages)
 
 
@@ -94,7 +100,8 @@ def load_data(path):
     """The collection at path; the default path is downloaded (and unzipped) when missing."""
     if not os.path.isfile(path):
         if path != DATA_FILE:
-            raise UserError(f"{path} not found: pass --data path/to/SMSSpamCollection, or leave it out to download it")
+            raise UserError(f"{path} not found: pass --data path/to/SMSSpamCollection, or leave it out "
+                            "to download it")
         archive = ensure_file(os.path.join(os.path.dirname(path), "sms+spam+collection.zip"), DATA_URL)
         with zipfile.ZipFile(archive) as z:
             z.extract("SMSSpamCollection", os.path.dirname(path))
@@ -151,22 +158,26 @@ def freeze_all_but(model, trainable_blocks):
         return
     blocks, n = model.transformer.h, int(trainable_blocks) if trainable_blocks.isdigit() else -1
     if not 0 <= n <= len(blocks):
-        raise UserError(f"--trainable-blocks {trainable_blocks}: give 'all' or a number from 0 to {len(blocks)}")
+        raise UserError(f"--trainable-blocks {trainable_blocks}: give 'all' or a number from 0 to "
+                        f"{len(blocks)}")
     model.requires_grad_(False)
     for module in [*blocks[len(blocks) - n:], model.transformer.ln_f, model.lm_head]:
         module.requires_grad_(True)
 
 
 def build_classifier(args, ckpt):
-    """The classifier to train: new (GPT-2 and a new head) or as ckpt.pt left it; only what trains trainable."""
+    """The classifier to train: new (GPT-2 and a new head) or as ckpt.pt left it; only what trains
+    trainable."""
     torch.manual_seed(args.seed)
     if ckpt:
-        dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout  # it may change on resume
+        # it may change on resume
+        dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout
         model = with_class_head(GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": dropout})), args.pool)
         load_weights(model, ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
     else:
-        model = with_class_head(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
-                                           n_head=args.n_head, n_embd=args.n_embd), args.pool)
+        model = with_class_head(init_model(args.init_from, args.context_length, args.dropout,
+                                           n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd),
+                                args.pool)
     freeze_all_but(model, args.trainable_blocks)
     return train_layout(model)
 
@@ -178,7 +189,8 @@ def load_classifier(path):
         model = with_class_head(GPT.empty(GPTConfig(**ckpt["config"])), ckpt.get("pool", "last"))
         load_weights(model, ckpt["model"], path)
     except (TypeError, ValueError):  # the config of another model, or weights that do not fit it
-        raise UserError(f"{path} is not a spam classifier of this project: train one with  python finetune_spam.py") from None
+        raise UserError(f"{path} is not a spam classifier of this project: train one with  python "
+                        "finetune_spam.py") from None
     return model.eval()
 
 
@@ -188,9 +200,11 @@ def load_classifier(path):
 
 @torch.no_grad()
 def measure(model, examples, batch_size, pad_id, device, n_batches=0):
-    """Mean loss and the metrics of the model's predictions on examples (the first n_batches batches; 0: all)."""
+    """Mean loss and the metrics of the model's predictions on examples (the first n_batches batches; 0:
+    all)."""
     total_loss, preds, labels = 0.0, [], []
-    for i in range(0, len(examples) if not n_batches else min(len(examples), n_batches * batch_size), batch_size):
+    for i in range(0, len(examples) if not n_batches else min(len(examples), n_batches * batch_size),
+                   batch_size):
         idx, lengths, y = collate(examples[i:i + batch_size], pad_id, device)
         logits = classify(model, idx, lengths).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
@@ -201,7 +215,8 @@ def measure(model, examples, batch_size, pad_id, device, n_batches=0):
 
 def metrics(preds, labels):
     """Spam is the positive class. confusion[true][predicted], rows and columns in LABELS order."""
-    confusion = [[sum(1 for p, y in zip(preds, labels) if y == t and p == q) for q in range(2)] for t in range(2)]
+    confusion = [[sum(1 for p, y in zip(preds, labels) if y == t and p == q) for q in range(2)]
+                 for t in range(2)]
     (tn, fp), (fn, tp) = confusion
     precision_ = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -211,7 +226,8 @@ def metrics(preds, labels):
 
 
 def print_report(report):
-    print(f"{'split':<11} {'loss':>7} {'accuracy':>9} {'precision':>10} {'recall':>7} {'F1':>6}   confusion [[TN FP] [FN TP]]")
+    print(f"{'split':<11} {'loss':>7} {'accuracy':>9} {'precision':>10} {'recall':>7} {'F1':>6}   confusion "
+          "[[TN FP] [FN TP]]")
     for name, m in report.items():
         print(f"{name:<11} {m['loss']:7.4f} {m['accuracy']:9.2%} {m['precision']:10.2%} {m['recall']:7.2%} "
               f"{m['f1']:6.2%}   {m['confusion']}")
@@ -228,9 +244,11 @@ def seed_list(text):
             low, dash, high = part.strip().partition("-")
             low, high = int(low), int(high) if dash else int(low)
             if high < low:
-                raise argparse.ArgumentTypeError(f"{part.strip()} is an empty range: write the smaller seed first")
+                raise argparse.ArgumentTypeError(f"{part.strip()} is an empty range: write the "
+                                                 "smaller seed first")
             if len(seeds) + high - low + 1 > MAX_SEEDS:
-                raise argparse.ArgumentTypeError(f"{text} names more than {MAX_SEEDS} seeds (a fine-tuning each)")
+                raise argparse.ArgumentTypeError(f"{text} names more than {MAX_SEEDS} seeds (a "
+                                                 "fine-tuning each)")
             seeds += range(low, high + 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be seeds like 0-9, 1,4,7 or 0-4,9, not {text}") from None
@@ -241,19 +259,25 @@ def seed_list(text):
 
 def parser():
     p = argument_parser(__doc__)
-    p.add_argument("--classify", metavar="TEXT", help="print spam or ham for TEXT with the saved classifier, and stop")
-    p.add_argument("--data", default=DATA_FILE, help="the SMSSpamCollection file (the default is downloaded if missing)")
-    p.add_argument("--split-dir", default="data/sms-spam", help="where the train/validation/test split files go")
+    p.add_argument("--classify", metavar="TEXT",
+                   help="print spam or ham for TEXT with the saved classifier, and stop")
+    p.add_argument("--data", default=DATA_FILE,
+                   help="the SMSSpamCollection file (the default is downloaded if missing)")
+    p.add_argument("--split-dir", default="data/sms-spam",
+                   help="where the train/validation/test split files go")
     add_model_args(p, "gpt2")
-    p.add_argument("--trainable-blocks", default="1", help="train this many last blocks (+ final norm and head), or all")
-    p.add_argument("--pool", choices=["last", "mean"], default="last", help="the head reads the last real token's "
-                   "state (the book's), or the mean of every real token's")
+    p.add_argument("--trainable-blocks", default="1",
+                   help="train this many last blocks (+ final norm and head), or all")
+    p.add_argument("--pool", choices=["last", "mean"], default="last",
+                   help="the head reads the last real token's state (the book's), or the mean of every "
+                   "real token's")
     p.add_argument("--patience", type=number(int, 1), help="stop after this many evaluations without a lower "
                    "validation loss; None: train all the steps")
     p.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="of the training loss "
                    "(validation and test losses are plain cross-entropy)")
-    p.add_argument("--seeds", type=seed_list, help="one run per seed (0-9, 1,4,7, ...), one after the other, each in "
-                   "OUT_DIR/seed<S>/; then the mean, spread and worst of them (with --resume: the sweep goes on)")
+    p.add_argument("--seeds", type=seed_list,
+                   help="one run per seed (0-9, 1,4,7, ...), one after the other, each in OUT_DIR/seed<S>/; "
+                   "then the mean, spread and worst of them (with --resume: the sweep goes on)")
     add_training_args(p, out_dir="out/spam", epochs=5, batch_size=8, lr=5e-5, beta2=0.95, eval_batches=0)
     return p
 
@@ -266,7 +290,8 @@ def main():
         raise UserError("--seed and --seeds: give one of them")
     if args.classify is not None:
         if args.seeds:
-            raise UserError("--classify uses one classifier: pass --out-dir OUT_DIR/seed<S> instead of --seeds")
+            raise UserError("--classify uses one classifier: pass --out-dir OUT_DIR/seed<S> "
+                            "instead of --seeds")
         tokenizer = load_tokenizer()
         model = load_classifier(os.path.join(args.out_dir, "classifier.pt"))
         idx = torch.tensor([encode(tokenizer, args.classify, model.config.n_ctx)])
@@ -279,7 +304,8 @@ def main():
     runs, summary_path = {}, os.path.join(args.out_dir, "seeds.json")
     for seed in args.seeds or [args.seed]:
         seed_args = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None,
-                                          "out_dir": os.path.join(args.out_dir, f"seed{seed}") if args.seeds else args.out_dir})
+                                          "out_dir": os.path.join(args.out_dir, f"seed{seed}") if args.seeds
+                                          else args.out_dir})
         if args.seeds and args.resume and not os.path.isfile(os.path.join(seed_args.out_dir, "ckpt.pt")):
             seed_args.resume = False  # a seed the sweep has not reached yet: it starts
         runs[seed] = start_run(p, seed_args, seed_args.out_dir, OUT_FILES, FIXED_ON_RESUME)
@@ -299,14 +325,15 @@ def main():
     if args.seeds:
         summary = summarize(reports)
         write_json({**summary, "args": {k: v for k, v in vars(args).items() if k != "seed"}}, summary_path)
-        print(f"\n{len(reports)} seeds, {torch.get_num_threads()} thread(s) each; summary in {summary_path}\n")
+        print(f"\n{len(reports)} seeds, {torch.get_num_threads()} thread(s) each; summary in "
+              f"{summary_path}\n")
         print_summary(summary)
 
 
 def fine_tune(args, ckpt, tokenizer, device, amp):
-    """Split with args.seed, fine-tune, keep the step of lowest validation loss; -> its report, None if stopped.
-    Every check of the flags and the model comes before the first file is written (the data downloaded, the
-    split files replaced)."""
+    """Split with args.seed, fine-tune, keep the step of lowest validation loss; -> its report, None if
+    stopped. Every check of the flags and the model comes before the first file is written (the data
+    downloaded, the split files replaced)."""
     start, start_cpu = time.time(), time.process_time()
     metrics_path = os.path.join(args.out_dir, "metrics.json")
     if ckpt and os.path.isfile(metrics_path):  # (a sweep's finished seed)
@@ -316,21 +343,24 @@ def fine_tune(args, ckpt, tokenizer, device, amp):
     local = os.path.isfile(args.data) or args.data != DATA_FILE  # (checked before the model; writes nothing)
     messages = load_data(args.data) if local else None
     model = build_classifier(args, ckpt).to(device)
-    split = balanced_split(messages or load_data(args.data), args.seed)  # (the download comes after the checks)
+    # (the download comes after the checks)
+    split = balanced_split(messages or load_data(args.data), args.seed)
     pad = tokenizer.eot_id
     data = {name: [(encode(tokenizer, text, model.config.n_ctx), LABELS.index(label)) for label, text in ms]
             for name, ms in split.items()}
     steps_per_epoch = len(data["train"]) // args.batch_size
     if not steps_per_epoch or args.batch_size % args.grad_accum:
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} and at "
-                        f"most the {len(data['train'])} training messages")
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum "
+                        f"{args.grad_accum} and at most the {len(data['train'])} training messages")
     longest = max(len(ids) for ids, _ in data["train"])
     check_training_memory(model, args.batch_size // args.grad_accum * longest, args.dtype, device)
     write_split(split, args.split_dir, args.seed)
-    print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()), f"messages (half spam), split files in {args.split_dir}")
+    print(", ".join(f"{name} {len(ms)}" for name, ms in split.items()),
+          f"messages (half spam), split files in {args.split_dir}")
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
+    print(f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters on {device}")
     trained = torch.compile(model) if args.compile else model
 
     def micro_batches(step):  # the step's messages in --grad-accum parts, each padded to its own longest
@@ -348,8 +378,9 @@ def fine_tune(args, ckpt, tokenizer, device, amp):
         return {"train": train_["loss"], "val": val["loss"], "train_accuracy": train_["accuracy"],
                 "val_accuracy": val["accuracy"]}
 
-    progress = train(args, trained, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch, steps_per_epoch,
-                     micro_batches=micro_batches, loss_of=loss_of, evaluate=evaluate, ckpt=ckpt, raw=model,
+    progress = train(args, trained, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch,
+                     steps_per_epoch, micro_batches=micro_batches, loss_of=loss_of, evaluate=evaluate,
+                     ckpt=ckpt, raw=model,
                      best=lambda: model.checkpoint(labels=LABELS, pool=args.pool, seed=args.seed),
                      best_name="classifier.pt", patience=args.patience)
     if progress["stopped"]:
@@ -357,13 +388,16 @@ def fine_tune(args, ckpt, tokenizer, device, amp):
     checkpoint_path = os.path.join(args.out_dir, "classifier.pt")
     best = load_classifier(checkpoint_path).to(device)
     with torch.no_grad(), amp[0]:
-        report = {name: measure(best, examples, args.batch_size, pad, device) for name, examples in data.items()}
+        report = {name: measure(best, examples, args.batch_size, pad, device)
+                  for name, examples in data.items()}
     history = progress["history"]
-    best_step = history["step"][history["val"].index(min(history["val"]))]  # (the first of the lowest is kept)
+    # (the first of the lowest is kept)
+    best_step = history["step"][history["val"].index(min(history["val"]))]
     print(f"best step {best_step} (epoch {best_step / steps_per_epoch:.1f}), saved in {checkpoint_path}")
     print_report(report)
     # all of the run, from the split to the plot; CPU time adds up every thread's
-    timing = {"wall_s": time.time() - start, "cpu_s": time.process_time() - start_cpu, "threads": torch.get_num_threads()}
+    timing = {"wall_s": time.time() - start, "cpu_s": time.process_time() - start_cpu,
+              "threads": torch.get_num_threads()}
     result = {**report, "best_step": best_step, "best_epoch": best_step / steps_per_epoch, "time": timing}
     write_json({**result, "history": progress["history"], "args": vars(args)}, metrics_path)
     print(f"{timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU; metrics in {metrics_path}")
@@ -371,15 +405,18 @@ def fine_tune(args, ckpt, tokenizer, device, amp):
 
 
 def summarize(reports):
-    """Per seed: best epoch, validation and test metrics, times; over the seeds: mean, std (n - 1) and worst."""
-    rows = {seed: {"best_epoch": r["best_epoch"], "val_loss": r["validation"]["loss"], "val_accuracy": r["validation"]["accuracy"],
+    """Per seed: best epoch, validation and test metrics, times; over the seeds: mean, std (n - 1) and
+    worst."""
+    rows = {seed: {"best_epoch": r["best_epoch"], "val_loss": r["validation"]["loss"],
+                   "val_accuracy": r["validation"]["accuracy"],
                    **{f"test_{k}": r["test"][k] for k in ("loss", "accuracy", "precision", "recall", "f1")},
                    "wall_s": r["time"]["wall_s"], "cpu_s": r["time"]["cpu_s"]} for seed, r in reports.items()}
     columns = list(next(iter(rows.values())))
     values = {c: [row[c] for row in rows.values()] for c in columns}
     mean = {c: statistics.fmean(v) for c, v in values.items()}
     std = {c: statistics.stdev(v) if len(v) > 1 else 0.0 for c, v in values.items()}
-    worst = {c: (max if c.endswith(("loss", "_s")) else min)(v) for c, v in values.items() if c != "best_epoch"}
+    worst = {c: (max if c.endswith(("loss", "_s")) else min)(v) for c, v in values.items()
+             if c != "best_epoch"}
     return {"seeds": rows, "mean": mean, "std": std, "worst": worst}
 
 
@@ -388,14 +425,16 @@ def print_summary(summary):
     def pct(x):
         return f"{x:.2%}".replace("%", " %")
 
-    print("| seed | best epoch | val loss | val accuracy | test accuracy | test precision / recall / F1 | wall | CPU time |")
+    print("| seed | best epoch | val loss | val accuracy | test accuracy | test precision / recall / F1 | "
+          "wall | CPU time |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = [*summary["seeds"].items(), ("**mean**", summary["mean"]), ("std", summary["std"]), ("**worst**", summary["worst"])]
+    rows = [*summary["seeds"].items(), ("**mean**", summary["mean"]), ("std", summary["std"]),
+            ("**worst**", summary["worst"])]
     for name, r in rows:
         epoch = f"{r['best_epoch']:.3g}" if "best_epoch" in r else ""
-        print(f"| {name} | {epoch} | {r['val_loss']:.4f} | {pct(r['val_accuracy'])} | {pct(r['test_accuracy'])} | "
-              f"{pct(r['test_precision'])} / {pct(r['test_recall'])} / {pct(r['test_f1'])} | "
-              f"{r['wall_s']:.1f} s | {r['cpu_s']:.1f} s |")
+        print(f"| {name} | {epoch} | {r['val_loss']:.4f} | {pct(r['val_accuracy'])} | "
+              f"{pct(r['test_accuracy'])} | {pct(r['test_precision'])} / {pct(r['test_recall'])} / "
+              f"{pct(r['test_f1'])} | {r['wall_s']:.1f} s | {r['cpu_s']:.1f} s |")
 
 
 if __name__ == "__main__":

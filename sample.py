@@ -2,19 +2,20 @@
 
     python sample.py --prompt "Every effort moves you"
     python sample.py --model gpt2-medium --temperature 0.7 --top-p 0.9 --num-samples 3
-    python sample.py --model out/instruct.pt --instruction "Rewrite the sentence in passive voice." --input "The chef cooked the meal."
+    python sample.py --model out/instruct/best.pt --instruction "Rewrite the sentence in passive voice." \\
+        --input "The chef cooked the meal."
 
 --model is a size name (its weights from download_weights.py), a model folder (OpenAI's, or
-a Hugging Face GPT-2 folder) or a checkpoint written by this project's scripts. A prompt longer than the model's context
-window is an error; the generated text itself may run past it (the window then slides).
+a Hugging Face GPT-2 folder) or a checkpoint written by this project's scripts. A prompt longer than the
+model's context window is an error; the generated text itself may run past it (the window then slides).
 """
 
 from itertools import takewhile
 
 import torch
 
-from common import (UserError, add_device_arg, argument_parser, check_memory, format_prompt, load_model, load_tokenizer, number,
-                    pick_device, run)
+from common import (UserError, add_device_arg, argument_parser, check_memory, format_prompt, load_model,
+                    load_tokenizer, number, pick_device, run)
 
 
 def print_as_generated(ids, tokenizer):
@@ -32,16 +33,24 @@ def print_as_generated(ids, tokenizer):
 
 def main():
     parser = argument_parser(__doc__)
-    parser.add_argument("--model", default="124M", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, ...), a folder or a .pt")
-    parser.add_argument("--prompt", default="Every effort moves you", help="the text to continue; empty = start a new document")
-    parser.add_argument("--instruction", help="answer this instruction instead (Alpaca prompt, as finetune_instruct.py trains)")
+    parser.add_argument("--model", default="124M",
+                        help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, ...), a folder or a .pt")
+    parser.add_argument("--prompt", default="Every effort moves you",
+                        help="the text to continue; empty = start a new document")
+    parser.add_argument("--instruction", help="answer this instruction instead (Alpaca prompt, as "
+                        "finetune_instruct.py trains)")
     parser.add_argument("--input", default="", help="the input that goes with --instruction")
-    parser.add_argument("--max-new-tokens", type=number(int, 1), default=100, help="length of each sample, in tokens")
-    parser.add_argument("--temperature", type=number(float, 0), default=1.0, help="0 = always the likeliest token")
-    parser.add_argument("--top-k", type=number(int, 0), default=40, help="sample among the k likeliest tokens (GPT-2's paper used 40); 0 = all")
-    parser.add_argument("--top-p", type=number(float, 0, 1), default=None, help="sample among the fewest tokens whose probabilities sum to p")
+    parser.add_argument("--max-new-tokens", type=number(int, 1), default=100,
+                        help="length of each sample, in tokens")
+    parser.add_argument("--temperature", type=number(float, 0), default=1.0,
+                        help="0 = always the likeliest token")
+    parser.add_argument("--top-k", type=number(int, 0), default=40,
+                        help="sample among the k likeliest tokens (GPT-2's paper used 40); 0 = all")
+    parser.add_argument("--top-p", type=number(float, 0, 1), default=None,
+                        help="sample among the fewest tokens whose probabilities sum to p")
     parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
-    parser.add_argument("--num-samples", type=number(int, 1), default=1, help="samples of the same prompt, generated as one batch")
+    parser.add_argument("--num-samples", type=number(int, 1), default=1,
+                        help="samples of the same prompt, generated as one batch")
     add_device_arg(parser)
     args = parser.parse_args()
 
@@ -49,7 +58,8 @@ def main():
     model = load_model(args.model).to(device)
     tokenizer = load_tokenizer(args.model)
     if args.instruction is not None:  # the exact prompt finetune_instruct.py tuned the model on
-        prompt, eos_id = format_prompt({"instruction": args.instruction, "input": args.input}), tokenizer.eot_id
+        prompt, eos_id = (format_prompt({"instruction": args.instruction, "input": args.input}),
+                          tokenizer.eot_id)
     else:  # a base model: <|endoftext|> only separates documents, so keep going past it
         prompt, eos_id = args.prompt, None
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]  # nothing to continue: begin a new document
@@ -70,10 +80,12 @@ def main():
     # keeps its keys and values of every block (the attention cache) and its logits.
     c, kept = model.config, min(len(ids) + args.max_new_tokens, model.config.n_ctx)
     per_sample = 2 * c.n_layer * kept * c.n_embd * model.lm_head.weight.element_size() + 16 * c.vocab_size
-    check_memory(args.num_samples * per_sample, device, f"{args.num_samples:,} samples", "--num-samples or --max-new-tokens")
+    check_memory(args.num_samples * per_sample, device, f"{args.num_samples:,} samples",
+                 "--num-samples or --max-new-tokens")
     for i, out in enumerate(model.generate([ids] * args.num_samples, *settings)):
         new = out[len(ids):]
-        print(("\n" + "-" * 40 + "\n" if i else "") + shown + tokenizer.decode(new[:-1] if new[-1:] == [eos_id] else new))
+        print(("\n" + "-" * 40 + "\n" if i else "") + shown
+              + tokenizer.decode(new[:-1] if new[-1:] == [eos_id] else new))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,15 @@ import torch
 from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, size_name
 
 ROOT = Path(__file__).resolve().parent  # the project
-DATA = Path(os.environ.get("GPT2_DATA", ROOT.parent / "shared" / "data"))  # real data, kept outside the project
+# real data, kept outside the project
+DATA = Path(os.environ.get("GPT2_DATA", ROOT.parent / "shared" / "data"))
 OPENAI_124M = DATA / "gpt2-124M"  # the real index and hparams of OpenAI's 124M release, without the weights
 TINY = dict(vocab_size=96, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
 
 
 def hf_twin(model):
-    """transformers' GPT2LMHeadModel holding exactly `model`'s weights (its Conv1D layers keep them (in, out))."""
+    """transformers' GPT2LMHeadModel holding exactly `model`'s weights (its Conv1D layers keep them (in,
+    out))."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
 
@@ -124,9 +126,11 @@ def test_kv_cache_gives_the_logits_of_a_full_forward():
     idx = torch.randint(0, TINY["vocab_size"], (2, 20))
     with torch.no_grad():
         full = model(idx)[0]
-        caches = [KVCache(2, model.config.n_ctx, model.config, "cpu", torch.float32) for _ in range(TINY["n_layer"])]
+        caches = [KVCache(2, model.config.n_ctx, model.config, "cpu", torch.float32)
+                  for _ in range(TINY["n_layer"])]
         pieces = [(0, 5), *((t, t + 1) for t in range(5, 12)), (12, 20)]  # a prompt, single tokens, a chunk
-        stepped = torch.cat([model.lm_head(model.hidden_states(idx[:, a:b], caches)) for a, b in pieces], dim=1)
+        stepped = torch.cat([model.lm_head(model.hidden_states(idx[:, a:b], caches)) for a, b in pieces],
+                            dim=1)
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
 
 
@@ -203,9 +207,10 @@ def test_ragged_batch_equals_transformers_with_left_padding():
     T = max(map(len, prompts))
     ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    theirs = hf_twin(model).generate(ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,
-                                     pad_token_id=0, eos_token_id=None)
-    assert model.generate(prompts, 15, temperature=0) == [p + row[T:] for p, row in zip(prompts, theirs.tolist())]
+    theirs = hf_twin(model).generate(ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15,
+                                     do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert model.generate(prompts, 15, temperature=0) \
+           == [p + row[T:] for p, row in zip(prompts, theirs.tolist())]
 
 
 def test_padding_never_leaks_into_attention():
@@ -219,7 +224,8 @@ def test_padding_never_leaks_into_attention():
             batch = torch.tensor([[filler] * (13 - len(p)) + p for p in prompts])
             logits = model.lm_head(model.hidden_states(batch, pad=pad))
             for row, p in enumerate(prompts):
-                torch.testing.assert_close(logits[row, pad[row]:], model(torch.tensor([p]))[0][0], atol=1e-5, rtol=0)
+                torch.testing.assert_close(logits[row, pad[row]:], model(torch.tensor([p]))[0][0], atol=1e-5,
+                                           rtol=0)
 
 
 def test_ragged_batch_bad_prompts():
@@ -241,11 +247,13 @@ def test_top_k_1_and_temperature_0_are_greedy():
     assert torch.equal(model.generate(prompts, 15, temperature=0.8, top_k=1), greedy)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.6), (0.9, 8, 0.8)])
+@pytest.mark.parametrize("temperature, top_k, top_p",
+                         [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.6), (0.9, 8, 0.8)])
 def test_sampled_frequencies_follow_the_warped_probabilities(temperature, top_k, top_p):
     """Which tokens survive and with what probability, against transformers' own warpers: the
     frequencies of 40,000 draws per row stay within 5 standard errors of those probabilities."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
 
     torch.manual_seed(0)
     logits, n = torch.randn(3, 40) * 2, 40_000
@@ -306,10 +314,11 @@ def write_openai_checkpoint(folder, hf, n_ctx, tweak=None):
         tweak(variables)
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(variables)
-    tf.raw_ops.SaveV2(prefix=str(folder / "model.ckpt"), tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tf.constant(variables[n]) for n in names])
+    tf.raw_ops.SaveV2(prefix=str(folder / "model.ckpt"), tensor_names=names,
+                      shape_and_slices=[""] * len(names), tensors=[tf.constant(variables[n]) for n in names])
     c = hf.config
-    hparams = {"n_vocab": c.vocab_size, "n_ctx": n_ctx, "n_embd": c.n_embd, "n_head": c.n_head, "n_layer": n_layer}
+    hparams = {"n_vocab": c.vocab_size, "n_ctx": n_ctx, "n_embd": c.n_embd, "n_head": c.n_head,
+               "n_layer": n_layer}
     (folder / "hparams.json").write_text(json.dumps(hparams))
     return folder
 
@@ -322,7 +331,8 @@ def test_expected_variables_equal_the_real_124M_index():
     for name, p in GPT.empty(GPTConfig.from_name("124M")).state_dict().items():
         if name != "lm_head.weight":  # tied to wte: OpenAI stores it once
             shape = tuple(p.shape)
-            expected[GPT.openai_name(name)] = (1, shape[1], shape[0]) if p.dim() == 2 and "h." in name else shape
+            expected[GPT.openai_name(name)] = ((1, shape[1], shape[0]) if p.dim() == 2 and "h." in name
+                                               else shape)
     assert expected == real_index()
 
 
@@ -401,7 +411,8 @@ def test_size_names_read_the_models_folder(tmp_path, monkeypatch):
     for name in ("gpt2", "124M"):
         loaded = GPT.from_pretrained(name)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items()), name
-    with pytest.raises(FileNotFoundError, match=r"models/355M not found: run  python download_weights.py --model 355M"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"models/355M not found: run  python download_weights.py --model 355M"):
         GPT.from_pretrained("gpt2-medium")
 
 
@@ -441,8 +452,10 @@ def test_hf_transformers_folders_load_with_the_same_logits(tmp_path):
     hf = GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_path / "f32")
     ours = GPT.from_pretrained(str(tmp_path / "f32"))
-    assert not ours.training and ours.config == GPTConfig(vocab_size=100, n_ctx=48, n_embd=64, n_head=4, n_layer=2)
-    for name, p in ours.named_parameters():  # the four block matrices keep the file's (in, out) bytes, seen through .t()
+    assert not ours.training \
+           and ours.config == GPTConfig(vocab_size=100, n_ctx=48, n_embd=64, n_head=4, n_layer=2)
+    # the four block matrices keep the file's (in, out) bytes, seen through .t()
+    for name, p in ours.named_parameters():
         assert (p.t() if name.endswith(GPT.CONV1D) else p).is_contiguous(), name
     idx = torch.randint(0, 100, (2, 40))
     with torch.no_grad():
@@ -456,14 +469,15 @@ def test_hf_transformers_folders_load_with_the_same_logits(tmp_path):
 
     hub = tmp_path / "hub"
     hub.mkdir()
-    tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "f32" / "model.safetensors").items()}
+    tensors = {k.removeprefix("transformer."): v
+               for k, v in load_file(tmp_path / "f32" / "model.safetensors").items()}
     tensors |= {f"h.{i}.attn.bias": torch.tril(torch.ones(48, 48)).view(1, 1, 48, 48) for i in range(2)}
     save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
     (hub / "config.json").write_text(json.dumps({  # the Hub's openai-community/gpt2 config.json, tiny
-        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "embd_pdrop": 0.1,
-        "bos_token_id": 50256, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
-        "model_type": "gpt2", "n_ctx": 48, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 48,
-        "resid_pdrop": 0.1, "vocab_size": 100}))
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+        "embd_pdrop": 0.1, "bos_token_id": 50256, "eos_token_id": 50256, "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 48, "n_embd": 64, "n_head": 4,
+        "n_layer": 2, "n_positions": 48, "resid_pdrop": 0.1, "vocab_size": 100}))
     for name, p in GPT.from_pretrained(str(hub)).state_dict().items():
         assert torch.equal(p, ours.state_dict()[name]), name
 
@@ -479,7 +493,8 @@ def test_unknown_size_name():
 
 
 def test_missing_folder_and_missing_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere: neither a .pt of ours nor a folder with config.json"):
+    with pytest.raises(FileNotFoundError,
+                       match="nowhere: neither a .pt of ours nor a folder with config.json"):
         GPT.from_pretrained(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="model.ckpt.data-00000-of-00001 not found.*incomplete"):
         GPT.from_pretrained(str(OPENAI_124M))  # the real folder, whose 497 MB data file is absent
@@ -492,14 +507,16 @@ def test_variable_of_wrong_shape_or_name(tmp_path):
         v["model/h1/mlp/c_fc/b"] = v["model/h1/mlp/c_fc/b"][:-1]
 
     folder = write_openai_checkpoint(tmp_path / "bad", hf, n_ctx=TINY["n_ctx"], tweak=shrink)
-    with pytest.raises(ValueError, match=r"transformer.h.1.mlp.c_fc.bias in .* of shape \[127\], not weights of shape \[128\]"):
+    with pytest.raises(ValueError, match=r"transformer.h.1.mlp.c_fc.bias in .* of shape \[127\], not weights "
+                       r"of shape \[128\]"):
         GPT.from_pretrained(str(folder))
 
     def rename(v):
         v["model/h1/mlp/c_fc/bias"] = v.pop("model/h1/mlp/c_fc/b")
 
     folder = write_openai_checkpoint(tmp_path / "renamed", hf, n_ctx=TINY["n_ctx"], tweak=rename)
-    with pytest.raises(ValueError, match=r"missing \['transformer.h.1.mlp.c_fc.bias'\], unexpected \['model/h1/mlp/c_fc/bias'\]"):
+    with pytest.raises(ValueError, match=r"missing \['transformer.h.1.mlp.c_fc.bias'\], unexpected "
+                       r"\['model/h1/mlp/c_fc/bias'\]"):
         GPT.from_pretrained(str(folder))
 
 
@@ -507,7 +524,8 @@ def test_checkpoint_of_another_shape(tmp_path):
     ckpt = tiny_model().checkpoint()
     ckpt["config"]["n_embd"] = 64  # the weights no longer fit the config
     torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"bad.pt holds torch.float32 numbers of shape \[96, 32\], not weights of shape \[96, 64\]"):
+    with pytest.raises(ValueError, match=r"bad.pt holds torch.float32 numbers of shape \[96, 32\], not "
+                       r"weights of shape \[96, 64\]"):
         GPT.from_pretrained(str(tmp_path / "bad.pt"))
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):

@@ -1,10 +1,13 @@
 """Pretrain GPT-2 on plain text. With no arguments it is the run of Raschka's chapter 5:
 GPT-2 124M from scratch on the-verdict.txt, context 256, batch 2, AdamW 4e-4, 10 epochs.
 
-    python train.py                                   # the book's run; writes out/ckpt.pt, out/best.pt, out/loss.png
-    python train.py --dtype bfloat16                  # the same in bfloat16: faster where the CPU computes it (AMX)
+    python train.py                                   # the book's run; writes out/ckpt.pt, out/best.pt,
+                                                      # out/loss.png
+    python train.py --dtype bfloat16                  # the same in bfloat16: faster where the CPU computes
+                                                      # it (AMX)
     python train.py --resume                          # continue out/ckpt.pt exactly where it stopped
-    python train.py --data corpus/ --prepare-only     # tokenize into corpus.tokens/ (see corpus.py), then exit
+    python train.py --data corpus/ --prepare-only     # tokenize into corpus.tokens/ (see corpus.py),
+                                                      # then exit
     python train.py --data corpus/ --max-iters 5000 --warmup-iters 200 --min-lr 4e-5 --grad-clip 1.0
     torchrun --nproc_per_node=4 train.py --batch-size 8   # data-parallel; same global batch, same losses
     python train.py --eval-only --init-from gpt2 --data some.txt
@@ -22,14 +25,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (UserError, add_model_args, add_training_args, argument_parser, check_size_args, check_training_memory, configure_optimizer,
-                    ensure_file, init_model, load_tokenizer, number, pick_device, precision, run, start_run, step_items,
-                    train, train_layout)
+from common import (UserError, add_model_args, add_training_args, argument_parser, check_size_args,
+                    check_training_memory, configure_optimizer, ensure_file, init_model, load_tokenizer,
+                    number, pick_device, precision, run, start_run, step_items, train, train_layout)
 from corpus import WORKERS, load_tokens
 from gpt2 import GPT, GPTConfig, load_weights
 
 DEFAULT_DATA = "data/the-verdict.txt"
-VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"
+               "the-verdict.txt")
 TRAIN_FRACTION = 0.9  # of the tokens; the rest is the validation set
 PROMPT = "Every effort moves you"  # the book's fixed prompt for the samples printed at each evaluation
 SAMPLE_TOKENS = 50
@@ -43,11 +47,14 @@ def parse_args():
     parser = argument_parser(__doc__)
     parser.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file or a folder of .txt files "
                         "(the default is downloaded when missing)")
-    parser.add_argument("--prepare-only", action="store_true", help="tokenize --data into its cache <data>.tokens/, "
-                        "print the number of tokens and exit")
-    parser.add_argument("--workers", type=number(int, 1), default=WORKERS, help="processes that tokenize --data "
-                        "when its cache is missing or out of date: one per core; 1: no worker processes")
-    parser.add_argument("--eval-only", action="store_true", help="print the loss and perplexity on all of --data, then exit")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="tokenize --data into its cache <data>.tokens/, print the number of "
+                        "tokens and exit")
+    parser.add_argument("--workers", type=number(int, 1), default=WORKERS,
+                        help="processes that tokenize --data when its cache is missing or out of date: one "
+                        "per core; 1: no worker processes")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="print the loss and perplexity on all of --data, then exit")
     add_model_args(parser, "scratch", dropout=0.1)
     add_training_args(parser, epochs=10, batch_size=2, lr=4e-4, context_length=256)
     args = parser.parse_args()
@@ -94,7 +101,8 @@ def mean_loss(model, tokens, starts, context_length, batch_size, device):
 
 def continuation(model, tokenizer, device):
     """The book's check on progress: greedy continuation of PROMPT (greedy draws no random numbers)."""
-    out = model.generate(torch.tensor([tokenizer.encode(PROMPT)], device=device), SAMPLE_TOKENS, temperature=0)
+    out = model.generate(torch.tensor([tokenizer.encode(PROMPT)], device=device), SAMPLE_TOKENS,
+                         temperature=0)
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
 
 
@@ -132,8 +140,8 @@ def main():
     master = rank == 0
     amp = precision(args.dtype, device, note=master)
     tokenizer = load_tokenizer(args.init_from)
-    # The model before the data: what it refuses (a longer --context-length than it has, ...) is said before the
-    # data is downloaded or tokenized.
+    # The model before the data: what it refuses (a longer --context-length than it has, ...) is said before
+    # the data is downloaded or tokenized.
     raw = None if args.prepare_only else train_layout(build_model(args, ckpt)).to(device).train()
     if not master:
         dist.barrier()  # rank 0 downloads and tokenizes; the others then read its cache
@@ -155,30 +163,33 @@ def main():
         with torch.no_grad(), amp[0]:
             loss = mean_loss(model, tokens, starts, L, args.batch_size, device)
         if master:
-            print(f"{args.data}: {len(starts)} windows of {L} tokens, loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+            print(f"{args.data}: {len(starts)} windows of {L} tokens, loss {loss:.4f}, perplexity "
+                  f"{math.exp(loss):.2f}")
         return
 
     micro = args.batch_size // (world * args.grad_accum)  # windows per forward pass in each process
     if micro * world * args.grad_accum != args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x --grad-accum "
-                        f"({args.grad_accum})")
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
+                        f"--grad-accum ({args.grad_accum})")
     n_train = int(TRAIN_FRACTION * len(tokens))
     train_starts, val_starts = window_starts(0, n_train, L), window_starts(n_train, len(tokens), L)
     steps_per_epoch = len(train_starts) // args.batch_size
     if not steps_per_epoch or not val_starts:
-        raise UserError(f"{args.data} is too short: its {len(tokens):,} tokens give {len(train_starts)} training and "
-                        f"{len(val_starts)} validation windows of {L + 1} tokens, and one batch of {args.batch_size} "
-                        "and one validation window are needed; use more text or a smaller --context-length or --batch-size")
+        raise UserError(f"{args.data} is too short: its {len(tokens):,} tokens give {len(train_starts)} "
+                        f"training and {len(val_starts)} validation windows of {L + 1} tokens, and one batch "
+                        f"of {args.batch_size} and one validation window are needed; use more text or a "
+                        "smaller --context-length or --batch-size")
     n_eval = args.eval_batches * args.batch_size or None  # None: every window
     if master:
-        print(f"{args.data}: {len(tokens):,} tokens, {len(train_starts)} training and {len(val_starts)} validation "
-              f"windows of {L}")
+        print(f"{args.data}: {len(tokens):,} tokens, {len(train_starts)} training and {len(val_starts)} "
+              f"validation windows of {L}")
     check_training_memory(raw, micro * L, args.dtype, device)
     optimizer = configure_optimizer(raw, args.lr, args.weight_decay, betas=(0.9, args.beta2))
 
     def micro_batches(step):  # this process's share of the step's windows, in --grad-accum parts
         windows = [train_starts[j] for j in step_items(len(train_starts), step, args.batch_size, args.seed)]
-        mine = [windows[(m * world + rank) * micro:(m * world + rank + 1) * micro] for m in range(args.grad_accum)]
+        mine = [windows[(m * world + rank) * micro:(m * world + rank + 1) * micro]
+                for m in range(args.grad_accum)]
         return [get_batch(tokens, w, L, device) for w in mine]
 
     def evaluate():
@@ -186,17 +197,19 @@ def main():
                 for split, starts in (("train", train_starts), ("val", val_starts))}
 
     ddp = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else model
-    progress = train(args, ddp, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch, steps_per_epoch,
-                     micro_batches=micro_batches, loss_of=lambda m, batch: m(*batch)[1], evaluate=evaluate,
-                     best=raw.checkpoint, ckpt=ckpt, raw=raw, world=world, rank=rank,
+    progress = train(args, ddp, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch,
+                     steps_per_epoch, micro_batches=micro_batches, loss_of=lambda m, batch: m(*batch)[1],
+                     evaluate=evaluate, best=raw.checkpoint, ckpt=ckpt, raw=raw, world=world, rank=rank,
                      sample=lambda: continuation(raw, tokenizer, device))
     history = progress["history"]
     if master and not progress["stopped"]:
-        print(f"done: {progress['step']} steps, {progress['tokens']:,} tokens; train loss {history['train'][-1]:.3f}, "
-              f"val loss {history['val'][-1]:.3f} (perplexity {math.exp(history['val'][-1]):.1f}); best val loss "
-              f"{progress['best_val']:.3f} in {args.out_dir}/best.pt")
+        print(f"done: {progress['step']} steps, {progress['tokens']:,} tokens; train loss "
+              f"{history['train'][-1]:.3f}, val loss {history['val'][-1]:.3f} (perplexity "
+              f"{math.exp(history['val'][-1]):.1f}); best val loss {progress['best_val']:.3f} in "
+              f"{args.out_dir}/best.pt")
     if world > 1:
-        dist.barrier()  # rank 0 may still be plotting: the processes leave gloo together, or one can abort at exit
+        # rank 0 may still be plotting: the processes leave gloo together, or one can abort at exit
+        dist.barrier()
         dist.destroy_process_group()
     if progress["stopped"]:
         sys.exit(130)

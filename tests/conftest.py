@@ -98,7 +98,8 @@ def serve():
 def one_line_error(r, code=1):
     """The single 'error: ...' line of a run that must have failed cleanly."""
     assert r.returncode == code and "Traceback" not in r.stderr, r.stderr[-3000:]
-    lines = [line for line in r.stderr.splitlines() if line.strip() and "%|" not in line]  # less progress bars
+    # less progress bars
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
     return lines[0]
 
@@ -108,13 +109,15 @@ def snapshot(folder):
 
 
 def stop_then_resume(script, args, straight, stopped, cwd=ROOT):
-    """Run `script args` into the out-dir straight, then again into stopped, Ctrl-C'd once its first best model
-    is saved (at the evaluation of step 0, or of the first step --eval-interval gives) and resumed with --resume
+    """Run `script args` into the out-dir straight, then again into stopped, Ctrl-C'd once its first best
+    model is saved (at the evaluation of step 0, or of the first step --eval-interval gives) and resumed
+    with --resume
     -> (the two final ckpt.pt, the step it stopped at, its stdout)."""
     run = [sys.executable, str(ROOT / script), *map(str, args)]
     r = subprocess.run([*run, "--out-dir", straight], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    p = subprocess.Popen([*run, "--out-dir", stopped], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([*run, "--out-dir", stopped], cwd=cwd, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list((Path(cwd) / stopped).glob("*.pt")) and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -122,7 +125,8 @@ def stop_then_resume(script, args, straight, stopped, cwd=ROOT):
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr[-2000:]
     stopped_at = torch.load(Path(cwd) / stopped / "ckpt.pt", weights_only=True)["step"]
-    r = subprocess.run([*run, "--out-dir", stopped, "--resume"], cwd=cwd, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*run, "--out-dir", stopped, "--resume"], cwd=cwd, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(Path(cwd) / folder / "ckpt.pt", weights_only=True) for folder in (straight, stopped))
     return a, b, stopped_at, stdout
@@ -163,17 +167,20 @@ def train_load(path):
 
 
 SPAM_DATA = DATA / "sms-spam" / "SMSSpamCollection"
-SPAM_TINY = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--context-length", "300"]
+SPAM_TINY = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "4", "--n-embd", "64",
+             "--context-length", "300"]
 
 
 def spam_sample(folder):
     """folder/sample.tsv: the real file's first 60 ham and first 60 spam lines."""
     lines = SPAM_DATA.read_text(encoding="utf-8").splitlines(keepends=True)
-    sample = [l for l in lines if l.startswith("ham\t")][:60] + [l for l in lines if l.startswith("spam\t")][:60]
+    sample = ([l for l in lines if l.startswith("ham\t")][:60]
+              + [l for l in lines if l.startswith("spam\t")][:60])
     (folder / "sample.tsv").write_text("".join(sample), encoding="utf-8")
 
 
 INSTRUCT_DATA = DATA / "instruction-data.json"
-INSTRUCT_TINY = ("--init-from", "scratch", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--data", INSTRUCT_DATA,
-                 "--batch-size", 4, "--eval-batches", 1, "--max-new-tokens", 3, "--lr", 1e-3)
+INSTRUCT_TINY = ("--init-from", "scratch", "--n-layer", 2, "--n-head", 4, "--n-embd", 64,
+                 "--data", INSTRUCT_DATA, "--batch-size", 4, "--eval-batches", 1, "--max-new-tokens", 3,
+                 "--lr", 1e-3)
 SAMPLE_PROMPT = "Every effort moves you"

@@ -10,9 +10,9 @@ import torch
 
 import common
 from common import UserError
-from tests.conftest import (INSTRUCT_TINY, OPENAI_124M, SAMPLE_PROMPT, SPAM_DATA, SPAM_TINY, TINY, free_port, hf_twin,
-                            one_line_error, run_script, snapshot, tiny_model, train_args, train_load, train_run,
-                            train_verdict, write_openai_checkpoint)
+from tests.conftest import (INSTRUCT_TINY, OPENAI_124M, SAMPLE_PROMPT, SPAM_DATA, SPAM_TINY, TINY, free_port,
+                            hf_twin, one_line_error, run_script, snapshot, tiny_model, train_args, train_load,
+                            train_run, train_verdict, write_openai_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def test_bad_resume_refuses_fixed_flags_and_records_the_changed_ones(trained, tm
     data, out, args = trained
     out = Path(shutil.copytree(out, tmp_path / "out"))
     before = snapshot(out)
-    for flag, value in (("--n-layer", 3), ("--context-length", 64), ("--seed", 5), ("--data", tmp_path / "x.txt")):
+    for flag, value in (("--n-layer", 3), ("--context-length", 64), ("--seed", 5),
+                        ("--data", tmp_path / "x.txt")):
         line = one_line_error(run_main("train.py", "--out-dir", out, "--resume", flag, value))
         assert f"{flag} {value} differs from the checkpoint's" in line and "cannot change on --resume" in line
     assert snapshot(out) == before
@@ -46,7 +47,8 @@ def test_bad_resume_refuses_fixed_flags_and_records_the_changed_ones(trained, tm
     best["val_loss"] = 0.5
     torch.save(best, out / "best.pt")
     best_bytes = (out / "best.pt").read_bytes()
-    run = run_script("train.py", "--out-dir", out, "--resume", "--max-iters", 12, "--lr", "1e-3", "--dropout", 0, timeout=120)
+    run = run_script("train.py", "--out-dir", out, "--resume", "--max-iters", 12, "--lr", "1e-3",
+                     "--dropout", 0, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     ckpt = train_load(out / "ckpt.pt")
     assert ckpt["step"] == 12 and ckpt["args"]["lr"] == 1e-3 and ckpt["args"]["max_iters"] == 12
@@ -61,8 +63,8 @@ def test_bad_rerun_of_the_finetuning_scripts_keeps_their_output(tmp_path, run_ma
     (spam_out / "classifier.pt").write_bytes(b"an earlier classifier")
     (instruct_out / "best.pt").write_bytes(b"an earlier model")
     before = snapshot(tmp_path)
-    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", SPAM_DATA, "--split-dir", tmp_path / "s",
-                                   "--out-dir", spam_out))
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", SPAM_DATA,
+                                   "--split-dir", tmp_path / "s", "--out-dir", spam_out))
     assert "classifier.pt is from an earlier run" in line and "--overwrite" in line
     line = one_line_error(run_main("finetune_instruct.py", *INSTRUCT_TINY, "--out-dir", instruct_out))
     assert "instruct/best.pt is from an earlier run" in line and "--overwrite" in line
@@ -110,7 +112,8 @@ def test_bad_sizes_and_devices_are_one_line(trained, tmp_path, run_main, monkeyp
     monkeypatch.chdir(tmp_path)
     for script in ("train.py", "finetune_spam.py", "finetune_instruct.py"):
         line = one_line_error(run_main(script, "--init-from", "scratch", "--n-head", 3, "--n-embd", 64))
-        assert line == "error: --n-embd 64 must be a multiple of --n-head 3 (the heads split the width)", script
+        assert line == "error: --n-embd 64 must be a multiple of --n-head 3 " \
+                       "(the heads split the width)", script
     assert not list(tmp_path.iterdir())  # before any work: no download was tried, nothing written
     line = one_line_error(run_main("train.py", *train_args(data, tmp_path / "o", "--device", "cuda")))
     assert "--device cuda: this machine has no CUDA device" in line
@@ -124,7 +127,8 @@ def test_bad_out_dir_is_one_line_before_any_work(trained, tmp_path, monkeypatch)
     assert "cannot write to" in line and "a-file/out" in line
     # a read-only folder (root writes anywhere, so the refusal is simulated where the probe writes)
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+    monkeypatch.setattr("builtins.open",
+                        lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                         if ".write-test-" in str(path) else real_open(path, *a, **k))
     with pytest.raises(UserError, match="cannot write to .*read-only \\(Permission denied\\)"):
         common.check_out_files([str(tmp_path / "read-only" / "ckpt.pt")], overwrite=False)
@@ -139,14 +143,17 @@ def test_bad_out_dir_is_one_line_before_any_work(trained, tmp_path, monkeypatch)
 def test_bad_offline_tokenizer_says_what_is_needed(tmp_path):
     torch.save(tiny_model(vocab_size=50257).checkpoint(), tmp_path / "tiny.pt")
     sample_ckpt = None, tmp_path / "tiny.pt"
-    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HTTPS_PROXY": f"http://127.0.0.1:{free_port()}",
+    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"),
+               "HTTPS_PROXY": f"http://127.0.0.1:{free_port()}",
                "HTTP_PROXY": f"http://127.0.0.1:{free_port()}", "NO_PROXY": ""}
-    line = one_line_error(run_script("sample.py", "--model", sample_ckpt[1], cwd=tmp_path, env=offline, timeout=120))
+    line = one_line_error(run_script("sample.py", "--model", sample_ckpt[1], cwd=tmp_path, env=offline,
+                                     timeout=120))
     assert "GPT-2's tokenizer files could not be downloaded" in line and "TIKTOKEN_CACHE_DIR" in line
     # with a downloaded model's encoder.json in models/, the scripts use it offline
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "124M").symlink_to(OPENAI_124M)
-    r = run_script("sample.py", "--model", sample_ckpt[1], "--max-new-tokens", 5, cwd=tmp_path, env=offline, timeout=120)
+    r = run_script("sample.py", "--model", sample_ckpt[1], "--max-new-tokens", 5, cwd=tmp_path, env=offline,
+                   timeout=120)
     assert r.returncode == 0 and r.stdout.startswith(SAMPLE_PROMPT), r.stderr[-2000:]
 
 
@@ -155,19 +162,22 @@ def test_bad_files_are_named(tmp_path, run_main):
     folder = write_openai_checkpoint(tmp_path / "cut", hf, n_ctx=TINY["n_ctx"])
     data = folder / "model.ckpt.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[:1000])  # an interrupted copy
-    line = one_line_error(run_script("sample.py", "--model", folder, timeout=120))  # TensorFlow says nothing either
+    # TensorFlow says nothing either
+    line = one_line_error(run_script("sample.py", "--model", folder, timeout=120))
     assert f"{data} is cut short or damaged (Read less bytes than requested): download it" in line
     (folder / "hparams.json").write_text("{not json")
     line = one_line_error(run_main("sample.py", "--model", folder))
     assert f"{folder / 'hparams.json'} holds no GPT-2 config" in line
     junk = tmp_path / "classifier.pt"  # random bytes: not even a zip
     junk.write_bytes(os.urandom(3000))
-    for r in (run_main("sample.py", "--model", junk), run_main("finetune_spam.py", "--out-dir", tmp_path, "--classify", "hi")):
+    for r in (run_main("sample.py", "--model", junk),
+              run_main("finetune_spam.py", "--out-dir", tmp_path, "--classify", "hi")):
         line = one_line_error(r)
         assert "is not a" in line and "of this project" in line and "weights_only" not in line
     (tmp_path / "latin1.tsv").write_bytes("ham\tcafé\n".encode("latin-1"))
     (tmp_path / "latin1.json").write_bytes('[{"instruction": "café", "output": "x"}]'.encode("latin-1"))
-    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", tmp_path / "latin1.tsv", "--out-dir", tmp_path / "s"))
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", tmp_path / "latin1.tsv",
+                                   "--out-dir", tmp_path / "s"))
     assert f"{tmp_path / 'latin1.tsv'} is not UTF-8 text" in line
     line = one_line_error(run_main("finetune_instruct.py", *INSTRUCT_TINY, "--data", tmp_path / "latin1.json",
                                    "--out-dir", tmp_path / "i"))
@@ -190,10 +200,12 @@ def test_bad_flags_are_found_before_the_first_write(tmp_path, run_main):
     line = one_line_error(run_main("train.py", "--init-from", tmp_path / "tiny.pt", "--context-length", 128,
                                    "--data", data, "--out-dir", tmp_path / "t"))
     assert "--context-length 128 is longer than the model's 64" in line
-    line = one_line_error(run_main("finetune_instruct.py", "--init-from", tmp_path / "tiny.pt", "--context-length", 128,
-                                   "--data", tmp_path / "missing.json", "--out-dir", tmp_path / "i"))
+    line = one_line_error(run_main("finetune_instruct.py", "--init-from", tmp_path / "tiny.pt",
+                                   "--context-length", 128, "--data", tmp_path / "missing.json",
+                                   "--out-dir", tmp_path / "i"))
     assert "--context-length 128 is longer than the model's 64" in line
-    assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["split", "the-verdict.txt", "tiny.pt"]
+    assert snapshot(tmp_path) == before \
+           and sorted(os.listdir(tmp_path)) == ["split", "the-verdict.txt", "tiny.pt"]
 
 
 def test_bad_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, run_main, monkeypatch):
@@ -202,17 +214,21 @@ def test_bad_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, run_m
     assert 2**28 < free < 2**50  # this machine's MemAvailable, read
     for n in (1_000_000, 100_000_000):  # 0.8 MB a sample: far more than any machine here holds
         line = one_line_error(run_main("sample.py", "--model", tmp_path / "tiny.pt", "--num-samples", n))
-        assert f"{n:,} samples need about" in line and "GiB free on cpu: lower --num-samples or --max-new-tokens" in line
-    line = one_line_error(run_main("train.py", "--n-layer", 100_000, "--n-embd", 4608, "--out-dir", tmp_path / "t"))
-    assert "the new model's weights need about 94,9" in line and "lower --n-layer, --n-embd or --context-length" in line
+        assert f"{n:,} samples need about" in line \
+               and "GiB free on cpu: lower --num-samples or --max-new-tokens" in line
+    line = one_line_error(run_main("train.py", "--n-layer", 100_000, "--n-embd", 4608,
+                                   "--out-dir", tmp_path / "t"))
+    assert "the new model's weights need about 94,9" in line \
+           and "lower --n-layer, --n-embd or --context-length" in line
     # a training step too big for what is free: refused before the split files are replaced
     split = tmp_path / "split"
     split.mkdir()
     (split / "train-seed123.tsv").write_text("ham\tan earlier split\n", encoding="utf-8")
     before = snapshot(tmp_path)
-    monkeypatch.setattr(common, "free_memory", lambda device: 2**24)  # the model fits (13 MB), its steps not (22 MB)
-    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--batch-size", 32, "--data", SPAM_DATA, "--split-dir", split,
-                                   "--out-dir", tmp_path / "s"))
+    # the model fits (13 MB), its steps not (22 MB)
+    monkeypatch.setattr(common, "free_memory", lambda device: 2**24)
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--batch-size", 32, "--data", SPAM_DATA,
+                                   "--split-dir", split, "--out-dir", tmp_path / "s"))
     assert "training steps of" in line and "more than the 0.0 GiB free on cpu: lower --batch-size" in line
     assert snapshot(tmp_path) == before and not (tmp_path / "s").exists()
 
@@ -223,7 +239,8 @@ def test_the_training_memory_bound_is_below_what_a_step_takes(monkeypatch):
     model = common.train_layout(tiny_model(vocab_size=50257, n_ctx=64)).train()
     optimizer = common.configure_optimizer(model, 1e-3, 0.1)
     x = torch.randint(0, 50257, (4, 64))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
         loss = model(x, x)[1]
         loss.backward()
         optimizer.step()

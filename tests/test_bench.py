@@ -13,19 +13,22 @@ from gpt2 import GPT, GPTConfig
 from tests.conftest import DATA, TINY, hf_twin, run_script, tiny_model
 
 BENCH_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--batch-size", "2", "--seq-len", "16",
-              "--prompt-len", "8", "--new-tokens", "12", "--batch-new-tokens", "4", "--prefill", "32", "--reps", "1", "--warmup", "0"]
+              "--prompt-len", "8", "--new-tokens", "12", "--batch-new-tokens", "4", "--prefill", "32",
+              "--reps", "1", "--warmup", "0"]
 NATIVE_BF16 = native_bf16("cpu")  # bench.py measures bfloat16 where the CPU computes it
-TRAINING_ROWS = [  # the rows of each training setting: (start of the label, the columns shown: 1 ours, 3 compared)
+# the rows of each training setting: (start of the label, the columns shown: 1 ours, 3 compared)
+TRAINING_ROWS = [
     row for setting in ("float32, foreach AdamW", "float32, fused AdamW", "bfloat16 autocast, fused AdamW")
     for row in ([(f"training step 2 x 16, {setting}", 3), (f"training, {setting}", 3)]
                 if NATIVE_BF16 or "bfloat16" not in setting else [("training step, bfloat16", 1)])]
-BENCH_ROWS = [  # (start of the row's label, the columns shown: 1 ours only, 2 ours and theirs, 3 and their ratio)
-    ("float32 matmul peak", 1), *([("bfloat16 matmul peak", 1)] if NATIVE_BF16 else []), ("memory read bandwidth", 1),
-    ("matrix-vector product, 1 GiB weight (out, in)", 1), ("matrix-vector product, the same weight stored (in, out)", 1),
-    ("generation bound", 1), *TRAINING_ROWS,
+# (start of the row's label, the columns shown: 1 ours only, 2 ours and theirs, 3 and their ratio)
+BENCH_ROWS = [
+    ("float32 matmul peak", 1), *([("bfloat16 matmul peak", 1)] if NATIVE_BF16 else []),
+    ("memory read bandwidth", 1), ("matrix-vector product, 1 GiB weight (out, in)", 1),
+    ("matrix-vector product, the same weight stored (in, out)", 1), ("generation bound", 1), *TRAINING_ROWS,
     ("training, float32, fused AdamW over float32, foreach AdamW (as before), speed-up", 2),
-    *([("training, bfloat16 autocast, fused AdamW over float32, foreach AdamW (as before), speed-up", 2)] if NATIVE_BF16
-      else []),
+    *([("training, bfloat16 autocast, fused AdamW over float32, foreach AdamW (as before), speed-up", 2)]
+      if NATIVE_BF16 else []),
     ("training, float32: contiguous weights (train_layout) over the loaded (in, out) ones", 1),
     ("generation, greedy, 8 + 12 tokens", 3), ("generation, greedy, share of the bandwidth bound", 3),
     ("generation, greedy: ours as loaded (block matrices (in, out)) over them (out, in)", 1),
@@ -34,8 +37,9 @@ BENCH_ROWS = [  # (start of the row's label, the columns shown: 1 ours only, 2 o
     ("generation, greedy, batch 8", 3), ("generation, greedy, batch 16", 3),
     ("generation, greedy, 8 prompts of 2 to 16 tokens in one batch, + 4 each", 3), ("the same 8 prompts", 1),
     ("prefill, 32 tokens", 3),
-    ("loading 14 MB of weights from the same Hugging Face folder", 3), ("loading, peak RSS over the process", 3),
-    ("loading, ours from a .pt of ours", 1), ("loading, ours in a process that has not imported torch._dynamo", 1),
+    ("loading 14 MB of weights from the same Hugging Face folder", 3),
+    ("loading, peak RSS over the process", 3), ("loading, ours from a .pt of ours", 1),
+    ("loading, ours in a process that has not imported torch._dynamo", 1),
     ("training step 2 x 16, peak RSS", 3), ("greedy generation, peak RSS", 3),
 ]
 
@@ -54,9 +58,12 @@ def test_bench_prints_every_row(tmp_path):
     for (label, columns), (what, ours, theirs, ratio) in zip(BENCH_ROWS, rows):
         assert what.startswith(label), (label, what)
         assert number.match(ours) or ours == "no native bfloat16 on this device", (what, ours)
-        assert bool(number.match(theirs)) == (columns >= 2) and (theirs == "") == (columns < 2), (what, theirs)
-        assert bool(re.match(r"^\d+\.\d\dx$", ratio)) == (columns == 3) and (ratio == "") == (columns < 3), (what, ratio)
-    # The Hugging Face folder and the .pt it wrote (and keeps in the temp folder) hold the very weights it benchmarked.
+        assert bool(number.match(theirs)) == (columns >= 2) \
+               and (theirs == "") == (columns < 2), (what, theirs)
+        assert bool(re.match(r"^\d+\.\d\dx$", ratio)) == (columns == 3) \
+               and (ratio == "") == (columns < 3), (what, ratio)
+    # The Hugging Face folder and the .pt it wrote (and keeps in the temp folder) hold the very
+    # weights it benchmarked.
     (folder,) = tmp_path.glob("gpt2-bench-2x4x64-seed0")
     ours, _ = bench.make_models(2, 4, 64, seed=0)
     for kind in ("hf", "model.pt"):
@@ -69,7 +76,8 @@ def test_bench_generation_only_stops_after_batch_1(tmp_path):
     out = bench_run([*BENCH_TINY, "--generation-only"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     labels = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")][2:]
-    expected = [label for label, _ in BENCH_ROWS[:BENCH_ROWS.index(("generation, top-k 50", 3)) + 1] if "training" not in label]
+    expected = [label for label, _ in BENCH_ROWS[:BENCH_ROWS.index(("generation, top-k 50", 3)) + 1]
+                if "training" not in label]
     assert len(labels) == len(expected) and all(l.startswith(e) for l, e in zip(labels, expected)), labels
     assert not list(tmp_path.glob("gpt2-bench-*"))  # no checkpoints written for the loading rows
 
@@ -85,28 +93,34 @@ def test_bench_models_compute_the_same():
     assert torch.equal(a, bench.generate_without_cache(ours, x[:1], 10, no_autocast))
     assert bench.generate(theirs, x[:1], 10, 5, no_autocast).shape == (1, 30)  # top-k never stops early
     prompts = [x[0, :n].tolist() for n in (3, 20, 9)]
-    assert bench.generate_ragged(ours, prompts, 8, no_autocast) == bench.generate_ragged(theirs, prompts, 8, no_autocast)
+    assert bench.generate_ragged(ours, prompts, 8, no_autocast) \
+           == bench.generate_ragged(theirs, prompts, 8, no_autocast)
 
 
 def test_bench_int8_perplexity_and_rows(tmp_path, run_main):
     from tools import bench_int8
 
     model = tiny_model(n_ctx=16)
-    ids = torch.randint(0, TINY["vocab_size"], (40,)).tolist()  # windows of 17, 17 and 8 tokens, sharing their ends
+    # windows of 17, 17 and 8 tokens, sharing their ends
+    ids = torch.randint(0, TINY["vocab_size"], (40,)).tolist()
     hf = hf_twin(model)
     with torch.no_grad():  # each window: 16 (or fewer) inputs, each predicting the token after it
         nll = sum(F.cross_entropy(hf(torch.tensor([ids[i:i + 16]])).logits[0, :len(ids[i + 1:i + 17])],
-                                  torch.tensor(ids[i + 1:i + 17]), reduction="sum").item() for i in (0, 16, 32))
+                                  torch.tensor(ids[i + 1:i + 17]), reduction="sum").item()
+                  for i in (0, 16, 32))
     assert bench_int8.perplexity(model, ids) == pytest.approx(math.exp(nll / 39), rel=1e-5)
     q = bench_int8.quantized(model)
-    assert type(q.transformer.h[0].mlp.c_fc).__name__ == "Linear" and q.transformer.h[0].mlp.c_fc.__module__.endswith("dynamic.modules.linear")
-    assert bench_int8.perplexity(q, ids) == pytest.approx(bench_int8.perplexity(model, ids), rel=0.05)  # close, not equal
+    assert type(q.transformer.h[0].mlp.c_fc).__name__ == "Linear" \
+           and q.transformer.h[0].mlp.c_fc.__module__.endswith("dynamic.modules.linear")
+    # close, not equal
+    assert bench_int8.perplexity(q, ids) == pytest.approx(bench_int8.perplexity(model, ids), rel=0.05)
     assert bench_int8.perplexity(q, ids) != bench_int8.perplexity(model, ids)
     path = str(tmp_path / "tiny.pt")
     save_atomic(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_ctx=32)).checkpoint(), path)
-    (tmp_path / "held.txt").write_text((DATA / "the-verdict.txt").read_text(encoding="utf-8")[:2000], encoding="utf-8")
-    r = run_main("tools/bench_int8.py", "--model", path, "--text", tmp_path / "held.txt", "--n-layer", 1, "--n-head", 2,
-                 "--n-embd", 32, "--new-tokens", 3, "--reps", 1)
+    (tmp_path / "held.txt").write_text((DATA / "the-verdict.txt").read_text(encoding="utf-8")[:2000],
+                                       encoding="utf-8")
+    r = run_main("tools/bench_int8.py", "--model", path, "--text", tmp_path / "held.txt", "--n-layer", 1,
+                 "--n-head", 2, "--n-embd", 32, "--new-tokens", 3, "--reps", 1)
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split("|")[1].split(" ")[1] for row in rows] == ["perplexity", "greedy"]

@@ -18,7 +18,8 @@ def test_tokenizer_from_openai_files_equals_tiktoken():
     ours, reference = openai_tokenizer(OPENAI_124M), Tokenizer()
     for i in range(reference.enc.n_vocab - 1):
         assert ours.enc.decode_single_token_bytes(i) == reference.enc.decode_single_token_bytes(i), i
-    assert ours.enc._special_tokens == reference.enc._special_tokens and ours.enc._pat_str == reference.enc._pat_str
+    assert ours.enc._special_tokens == reference.enc._special_tokens \
+           and ours.enc._pat_str == reference.enc._pat_str
     text = (DATA / "the-verdict.txt").read_text(encoding="utf-8") + " 日本語 🎉 <|endoftext|> naïve\r\n"
     assert ours.encode(text) == reference.encode(text)
     assert ours.eot_id == reference.eot_id == 50256
@@ -30,7 +31,8 @@ def test_plot_of_single_points_is_not_blank(tmp_path):
     import matplotlib.image
 
     empty = common.plot_curves(str(tmp_path / "empty.png"), "epoch", {"loss": {"train": ([], [])}})
-    one = common.plot_curves(str(tmp_path / "one.png"), "epoch", {"loss": {"train": ([1], [0.5]), "val": ([1], [0.7])}})
+    one = common.plot_curves(str(tmp_path / "one.png"), "epoch",
+                             {"loss": {"train": ([1], [0.5]), "val": ([1], [0.7])}})
     a, b = matplotlib.image.imread(empty), matplotlib.image.imread(one)
     assert a.shape == b.shape and (a != b).any(axis=-1).sum() > 20  # the two markers are drawn
 
@@ -45,14 +47,16 @@ def test_bfloat16_only_where_the_device_computes_it(monkeypatch):
     autocast, scaler = common.precision("bfloat16", "cpu")
     assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16 and scaler is None
     monkeypatch.setattr(common, "native_bf16", lambda device_type: False)
-    with pytest.raises(common.UserError, match="this CPU does not compute bfloat16 natively .* use --dtype float32"):
+    with pytest.raises(common.UserError,
+                       match="this CPU does not compute bfloat16 natively .* use --dtype float32"):
         common.precision("bfloat16", "cpu")
     with pytest.raises(common.UserError, match="--dtype float16 is for GPUs"):
         common.precision("float16", "cpu")
 
 
 def test_native_bfloat16_is_the_cpu_flag():
-    """On Linux, the answer agrees with the flags the kernel lists for this CPU (AMX or AVX-512 BF16 on x86)."""
+    """On Linux, the answer agrees with the flags the kernel lists for this CPU (AMX or AVX-512 BF16 on
+    x86)."""
     flags = open("/proc/cpuinfo").read().split()
     if platform.machine() == "x86_64":
         assert common.native_bf16("cpu") == ("amx_bf16" in flags or "avx512_bf16" in flags)
@@ -65,8 +69,8 @@ def test_float32_says_once_when_bfloat16_would_be_faster(tmp_path, monkeypatch, 
     notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
     assert notes == ["note: this CPU computes bfloat16 natively: --dtype bfloat16 trains about "
                      f"{common.BF16_SPEEDUP} faster (bench.py)"] and r.stdout.startswith("note:")
-    r = run_main("train.py", *train_args(tmp_path / "the-verdict.txt", tmp_path / "b", "--max-iters", 1, "--dtype",
-                                         "bfloat16"))
+    r = run_main("train.py", *train_args(tmp_path / "the-verdict.txt", tmp_path / "b", "--max-iters", 1,
+                                         "--dtype", "bfloat16"))
     assert r.returncode == 0 and "note:" not in r.stdout, r.stderr
 
 
@@ -77,10 +81,13 @@ def test_bfloat16_training_learns_and_keeps_float32_weights(tmp_path, monkeypatc
     data = train_verdict(tmp_path)
     args = ["--max-iters", 30, "--batch-size", 4, "--lr", "3e-3", "--eval-interval", 30, "--dropout", 0]
     for dtype in ("float32", "bfloat16"):
-        assert run_main("train.py", *train_args(data, tmp_path / dtype, *args, "--dtype", dtype)).returncode == 0
+        assert run_main("train.py",
+                        *train_args(data, tmp_path / dtype, *args, "--dtype", dtype)).returncode == 0
     f32, bf16 = (train_load(tmp_path / dtype / "ckpt.pt") for dtype in ("float32", "bfloat16"))
-    assert bf16["args"]["dtype"] == "bfloat16" and all(t.dtype == torch.float32 for t in bf16["model"].values())
-    assert all(t.dtype == torch.float32 for s in bf16["optimizer"]["state"].values() for t in s.values() if t.dim())
+    assert bf16["args"]["dtype"] == "bfloat16" \
+           and all(t.dtype == torch.float32 for t in bf16["model"].values())
+    assert all(t.dtype == torch.float32 for s in bf16["optimizer"]["state"].values() for t in s.values()
+               if t.dim())
     assert bf16["history"]["val"][-1] < bf16["history"]["val"][0] - 1.0
     assert abs(bf16["history"]["val"][-1] - f32["history"]["val"][-1]) < 0.1
 
@@ -98,7 +105,8 @@ def test_adamw_is_fused_where_torch_has_it():
 
 def test_each_epoch_trains_on_every_item_once_in_its_own_order():
     n, batch = 23, 4  # 5 steps an epoch: 3 of the 23 items wait for another epoch
-    epochs = [[i for step in range(e * 5, e * 5 + 5) for i in common.step_items(n, step, batch, seed=9)] for e in range(3)]
+    epochs = [[i for step in range(e * 5, e * 5 + 5) for i in common.step_items(n, step, batch, seed=9)]
+              for e in range(3)]
     for items in epochs:
         assert len(items) == len(set(items)) == 20 and set(items) <= set(range(n))
     assert epochs[0] != epochs[1] != epochs[2]
@@ -111,7 +119,8 @@ def test_each_epoch_trains_on_every_item_once_in_its_own_order():
 
 
 def test_tracebacks_on_request(tmp_path):
-    """A bad file is one line; GPT2_DEBUG=1 shows the whole traceback instead, for whoever changes the code."""
+    """A bad file is one line; GPT2_DEBUG=1 shows the whole traceback instead, for whoever changes the
+    code."""
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     r = run_script("sample.py", "--model", tmp_path / "junk.pt")
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
@@ -128,16 +137,18 @@ def test_messages_from_anywhere_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         common.run(main)
     err = capsys.readouterr().err
-    assert exit_.value.code == 1 and err.count("\n") == 1 and err.startswith("error: <html> <body> <h1>502 Bad Gateway")
+    assert exit_.value.code == 1 and err.count("\n") == 1 \
+           and err.startswith("error: <html> <body> <h1>502 Bad Gateway")
     assert len(err) < 600
 
 
 def test_the_training_scripts_share_their_flags():
-    """--help of train.py, finetune_spam.py and finetune_instruct.py: the same flags, each with its default."""
-    shared = ["--out-dir", "--overwrite", "--resume", "--max-iters", "--epochs", "--batch-size", "--grad-accum",
-              "--context-length", "--lr", "--min-lr", "--warmup-iters", "--weight-decay", "--grad-clip",
-              "--eval-interval", "--eval-batches", "--device", "--dtype", "--compile", "--seed", "--init-from",
-              "--n-layer", "--n-head", "--n-embd", "--dropout"]
+    """--help of train.py, finetune_spam.py and finetune_instruct.py: the same flags, each with its
+    default."""
+    shared = ["--out-dir", "--overwrite", "--resume", "--max-iters", "--epochs", "--batch-size",
+              "--grad-accum", "--context-length", "--lr", "--min-lr", "--warmup-iters", "--weight-decay",
+              "--grad-clip", "--eval-interval", "--eval-batches", "--device", "--dtype", "--compile",
+              "--seed", "--init-from", "--n-layer", "--n-head", "--n-embd", "--dropout"]
     for script in ("train.py", "finetune_spam.py", "finetune_instruct.py"):
         r = run_script(script, "--help")
         assert r.returncode == 0 and "(default: " in r.stdout, script

@@ -24,7 +24,8 @@ def test_train_token_cache_follows_the_text(tmp_path):
     f.write_text("Hello world, once.", encoding="utf-8")
     assert load_tokens(str(f), Tokenizer())[:].tolist() == enc.encode("Hello world, once.")
     cache = tmp_path / "a.txt.tokens"
-    assert json.loads((cache / "manifest.json").read_text())["tokens"] == len(enc.encode("Hello world, once."))
+    assert json.loads((cache / "manifest.json").read_text())["tokens"] \
+           == len(enc.encode("Hello world, once."))
     f.write_text("Something else entirely.", encoding="utf-8")
     assert load_tokens(str(f), Tokenizer())[:].tolist() == enc.encode("Something else entirely.")
     folder = tmp_path / "docs"
@@ -33,12 +34,13 @@ def test_train_token_cache_follows_the_text(tmp_path):
     (folder / "1.txt").write_text("first", encoding="utf-8")
     (folder / "sub" / "3.txt").write_text("third, one folder down", encoding="utf-8")
     (folder / "notes.md").write_text("ignored", encoding="utf-8")
-    expected = enc.encode("first") + [EOT] + enc.encode("second") + [EOT] + enc.encode("third, one folder down") + [EOT]
+    expected = (enc.encode("first") + [EOT] + enc.encode("second") + [EOT]
+                + enc.encode("third, one folder down") + [EOT])
     assert load_tokens(str(folder), Tokenizer())[:].tolist() == expected
 
 
-DATA_ALPHABET = [" ", "  ", "\n", "\n\n", " \n", "\t", "\r\n", "\u00a0", "\u3000", "a", "Bé", "1", "42", "'", "'s", "'ll",
-                 "🙂", "中文", "ü", "-", ".", "<|endoftext|>", "word", "\u0301"]
+DATA_ALPHABET = [" ", "  ", "\n", "\n\n", " \n", "\t", "\r\n", "\u00a0", "\u3000", "a", "Bé", "1", "42", "'",
+                 "'s", "'ll", "🙂", "中文", "ü", "-", ".", "<|endoftext|>", "word", "\u0301"]
 
 
 def data_documents(folder):
@@ -46,9 +48,11 @@ def data_documents(folder):
     a literal <|endoftext|>) as a folder of documents, one in a subfolder -> their paths in sorted order."""
     rng = random.Random(0)
     (folder / "sub").mkdir(parents=True)
-    docs = {folder / "a-shakespeare.txt": (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:300_000],
+    docs = {folder / "a-shakespeare.txt":
+                (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:300_000],
             folder / "b-mixed.txt": "".join(rng.choice(DATA_ALPHABET) for _ in range(40_000)),
-            folder / "sub" / "c-multibyte.txt": "".join(rng.choice(["é中🙂", "\n", " ", "ü", "文字"]) for _ in range(40_000)),
+            folder / "sub" / "c-multibyte.txt": "".join(rng.choice(["é中🙂", "\n", " ", "ü", "文字"])
+                                                        for _ in range(40_000)),
             folder / "d-one-word.txt": "x"}
     for path, text in docs.items():
         path.write_text(text, encoding="utf-8")
@@ -56,9 +60,11 @@ def data_documents(folder):
 
 
 def data_expected(paths):
-    """tiktoken's encoding of each whole document (read as train.py reads it), each followed by <|endoftext|>."""
+    """tiktoken's encoding of each whole document (read as train.py reads it), each followed by
+    <|endoftext|>."""
     enc = tiktoken.get_encoding("gpt2")
-    return [t for p in paths for t in enc.encode(p.read_text(encoding="utf-8"), allowed_special={"<|endoftext|>"}) + [EOT]]
+    return [t for p in paths
+            for t in enc.encode(p.read_text(encoding="utf-8"), allowed_special={"<|endoftext|>"}) + [EOT]]
 
 
 def test_data_pieces_and_shards_hold_each_document_s_exact_tokens(tmp_path, monkeypatch):
@@ -100,24 +106,30 @@ def test_data_manifest_notices_changed_and_added_files_and_keeps_the_rest(tmp_pa
     paths = data_documents(folder)
     load_tokens(str(folder), Tokenizer())
     tok = CountingTokenizer()
-    assert load_tokens(str(folder), tok, workers=1)[:].tolist() == data_expected(paths) and tok.texts == []  # nothing changed
+    # nothing changed
+    assert load_tokens(str(folder), tok, workers=1)[:].tolist() == data_expected(paths) and tok.texts == []
 
-    paths[2].write_text(paths[2].read_text(encoding="utf-8")[:-1] + "!", encoding="utf-8")  # same size, new content
-    os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))  # as an editor leaves it, even on coarse clocks
+    # same size, new content
+    paths[2].write_text(paths[2].read_text(encoding="utf-8")[:-1] + "!", encoding="utf-8")
+    # as an editor leaves it, even on coarse clocks
+    os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))
     tok = CountingTokenizer()
     assert load_tokens(str(folder), tok, workers=1)[:].tolist() == data_expected(paths)
     tokenized = "".join(tok.texts)
-    assert tokenized == paths[2].read_text(encoding="utf-8") + paths[3].read_text(encoding="utf-8")  # from the changed file on
+    # from the changed file on
+    assert tokenized == paths[2].read_text(encoding="utf-8") + paths[3].read_text(encoding="utf-8")
 
     (folder / "z-added.txt").write_text("A new document.", encoding="utf-8")
     paths.append(folder / "z-added.txt")  # sorts last: only it is tokenized
     tok = CountingTokenizer()
-    assert load_tokens(str(folder), tok, workers=1)[:].tolist() == data_expected(paths) and tok.texts == ["A new document."]
+    assert load_tokens(str(folder), tok, workers=1)[:].tolist() == data_expected(paths) \
+           and tok.texts == ["A new document."]
 
     paths.pop(0).unlink()  # a removed file: everything after it again, no stale shard left
     tokens = load_tokens(str(folder), Tokenizer())
     assert tokens[:].tolist() == data_expected(paths)
-    assert len(list((tmp_path / "docs.tokens").glob("shard_*.bin"))) == len(tokens.shards) == -(-len(tokens) // 5_000)
+    assert len(list((tmp_path / "docs.tokens").glob("shard_*.bin"))) == len(tokens.shards) \
+           == -(-len(tokens) // 5_000)
 
 
 def test_data_prepare_only_prints_the_count_and_trains_from_it(tmp_path):
@@ -160,7 +172,8 @@ def prepare_only(folder, *args):
 
 def children(pid):
     try:
-        return [int(c) for t in os.listdir(f"/proc/{pid}/task") for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+        return [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
     except OSError:
         return []
 
@@ -188,8 +201,8 @@ def test_bad_two_preparations_at_once_make_one_cache(tmp_path):
 
     folder = shakespeare_corpus(tmp_path / "corpus", 6)
     with corpus.cache_lock(str(tmp_path / "corpus.tokens"), exclusive=True):
-        runs = [subprocess.Popen(prepare_only(folder, "--workers", 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for _ in range(2)]
+        runs = [subprocess.Popen(prepare_only(folder, "--workers", 2), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
         time.sleep(5)
         assert all(p.poll() is None for p in runs)  # both wait
     outs = [p.communicate(timeout=300) for p in runs]
@@ -229,25 +242,26 @@ def test_bad_killed_preparation_leaves_no_worker_and_a_whole_cache(tmp_path):
     SIGKILL leaves workers that notice their parent is gone and end; the next preparation is whole."""
     folder = shakespeare_corpus(tmp_path / "corpus", 12)
     for kill in (signal.SIGTERM, signal.SIGKILL):
-        p = subprocess.Popen(prepare_only(folder, "--workers", 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+        p = subprocess.Popen(prepare_only(folder, "--workers", 2), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
         wait_for(lambda: len(children(p.pid)) >= 2)
         workers = children(p.pid)
         p.send_signal(kill)
         _, err = p.communicate(timeout=60)
         if kill == signal.SIGTERM:
-            assert p.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+            assert p.returncode == 130 and "Traceback" not in err \
+                   and err.strip().splitlines()[-1] == "interrupted", err
         wait_for(lambda: not any(running(w) for w in workers), seconds=10)
     r = subprocess.run(prepare_only(folder), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert np.array_equal(load_tokens(str(folder), Tokenizer())[:], clean_tokens(folder, tmp_path))
 
 
-@pytest.mark.parametrize("damage", ["wrong shape", "a list", "a string", "an entry without bytes", "a shard cut short",
-                                    "a shard missing"])
+@pytest.mark.parametrize("damage", ["wrong shape", "a list", "a string", "an entry without bytes",
+                                    "a shard cut short", "a shard missing"])
 def test_bad_damaged_cache_is_rebuilt_with_one_line(tmp_path, damage):
-    """Classes 11 and 12: a manifest that is valid JSON of the wrong shape, or shards that are not what it says:
-    the cache is prepared again, with one line that says so, and holds tiktoken's tokens again."""
+    """Classes 11 and 12: a manifest that is valid JSON of the wrong shape, or shards that are not what
+    it says: the cache is prepared again, with one line that says so, and holds tiktoken's tokens again."""
     folder = tmp_path / "docs"
     paths = data_documents(folder)
     load_tokens(str(folder), Tokenizer())
@@ -265,7 +279,8 @@ def test_bad_damaged_cache_is_rebuilt_with_one_line(tmp_path, damage):
     r = run_script("train.py", "--data", folder, "--prepare-only", timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     said = [line for line in r.stderr.splitlines() if "%|" not in line]
-    assert len(said) == 1 and said[0].startswith(f"the token cache {cache} is damaged (") and "tokenizing again" in said[0]
+    assert len(said) == 1 and said[0].startswith(f"the token cache {cache} is damaged (") \
+           and "tokenizing again" in said[0]
     assert load_tokens(str(folder), Tokenizer())[:].tolist() == data_expected(paths)
 
 
@@ -282,7 +297,8 @@ def test_bad_id_past_the_vocabulary_names_its_shard(tmp_path):
     line = one_line_error(run_script("train.py", "--data", data, *TRAIN_TINY, "--out-dir", tmp_path / "out",
                                      "--eval-only", "--init-from", "scratch", timeout=120))
     assert f"{shard} holds the id 60000, past the vocabulary's 50,257" in line
-    assert f"delete {tmp_path / 'the-verdict.txt.tokens'} and run again" in line and snapshot(tmp_path) == before
+    assert f"delete {tmp_path / 'the-verdict.txt.tokens'} and run again" in line \
+           and snapshot(tmp_path) == before
 
 
 def test_a_run_reading_the_cache_keeps_its_tokens_while_another_prepares_it(tmp_path, monkeypatch):
@@ -290,14 +306,16 @@ def test_a_run_reading_the_cache_keeps_its_tokens_while_another_prepares_it(tmp_
     reading exactly the tokens it started with, the next one reads the new."""
     import corpus
 
-    monkeypatch.setattr(corpus, "SHARD_TOKENS", 5_000)  # many shards: the changed file's is copied, then added to
+    # many shards: the changed file's is copied, then added to
+    monkeypatch.setattr(corpus, "SHARD_TOKENS", 5_000)
     folder = tmp_path / "docs"
     paths = data_documents(folder)
     reading = load_tokens(str(folder), Tokenizer())
     old = data_expected(paths)
     paths[2].write_text("a new ending", encoding="utf-8")
     os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))
-    r = run_script("train.py", "--data", folder, "--prepare-only", timeout=120)  # (its shards: 100M tokens each)
+    # (its shards: 100M tokens each)
+    r = run_script("train.py", "--data", folder, "--prepare-only", timeout=120)
     assert r.returncode == 0, r.stderr
     assert reading[:].tolist() == old and len(reading) == len(old)
     assert load_tokens(str(folder), Tokenizer())[:].tolist() == data_expected(paths)

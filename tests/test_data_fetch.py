@@ -30,7 +30,8 @@ class Mirror(BaseHTTPRequestHandler):
 
 
 def mirror_files():
-    """Every public address, as a path on the mirror, with the real file (the SMS collection zipped, as UCI has it)."""
+    """Every public address, as a path on the mirror, with the real file (the SMS collection zipped, as UCI
+    has it)."""
     files = {}
     for name, url in data.DATA_FILES.items():
         body = (DATA / name).read_bytes()
@@ -65,7 +66,8 @@ def test_the_tests_run_on_fetched_data_and_offline_say_what_they_need(tmp_path, 
     124M index and tiktoken's files pass; with nothing to fetch from, pytest stops with one line."""
     server = serve(Mirror, files=mirror_files(), requests=[])
     env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
-    env.update(GPT2_DATA=str(tmp_path / "nowhere"), GPT2_DATA_CACHE=str(tmp_path / "cache"), GPT2_DATA_MIRROR=server.url)
+    env.update(GPT2_DATA=str(tmp_path / "nowhere"), GPT2_DATA_CACHE=str(tmp_path / "cache"),
+               GPT2_DATA_MIRROR=server.url)
     tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "test_gpt2.py"), "-k",
              "real_124M_index or known_ids"]
     r = subprocess.run(tests, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -74,5 +76,6 @@ def test_the_tests_run_on_fetched_data_and_offline_say_what_they_need(tmp_path, 
     env.update(GPT2_DATA_CACHE=str(tmp_path / "empty"), GPT2_DATA_MIRROR=f"http://127.0.0.1:{free_port()}")
     r = subprocess.run(tests, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     said = [line for line in (r.stdout + r.stderr).splitlines() if "the tests read real data" in line]
-    assert r.returncode == 1 and len(said) == 1 and "connect to the internet once, or set GPT2_DATA" in said[0]
+    assert r.returncode == 1 and len(said) == 1 \
+           and "connect to the internet once, or set GPT2_DATA" in said[0]
     assert "Traceback" not in r.stdout + r.stderr

@@ -19,7 +19,8 @@ import download_weights
 from common import UserError, download, save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
 from test_gpt2 import real_index
-from tests.conftest import OPENAI_124M, ROOT, TINY, DATA, free_port, hf_twin, one_line_error, run_script, snapshot, tiny_model, write_openai_checkpoint
+from tests.conftest import (OPENAI_124M, ROOT, TINY, DATA, free_port, hf_twin, one_line_error, run_script,
+                            snapshot, tiny_model, write_openai_checkpoint)
 
 
 
@@ -104,7 +105,9 @@ def test_dl_sizes_table_is_true():
     for name in set(download_weights.FILES) - {data}:
         assert (OPENAI_124M / name).stat().st_size == table[name], name
     assert table[data] == 4 * sum(math.prod(shape) for shape in real_index().values()) == 497_759_232
-    n_355m = sum(p.numel() for p in GPT.empty(GPTConfig.from_name("355M")).state_dict().values()) - 50257 * 1024  # tied head
+    # tied head
+    n_355m = sum(p.numel()
+                 for p in GPT.empty(GPTConfig.from_name("355M")).state_dict().values()) - 50257 * 1024
     assert download_weights.PUBLISHED["355M"][data] == 4 * n_355m
 
 
@@ -206,7 +209,8 @@ def test_dl_script_downloads_then_skips(dl_server, tmp_path):
 def test_dl_script_refuses_wrong_size(dl_server, tmp_path):
     dl_server.files = _dl_release("774M")
     dl_server.files["/774M/vocab.bpe"] = dl_server.files["/774M/vocab.bpe"][:-10]  # truncated on the server
-    r = run_script("download_weights.py", "--model", "774M", "--models-dir", tmp_path, "--base-url", dl_server.url)
+    r = run_script("download_weights.py", "--model", "774M", "--models-dir", tmp_path,
+                   "--base-url", dl_server.url)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]  # above it: the progress bars of the files before
     assert last.startswith("error: ") and "published size is 456,318" in last
@@ -263,7 +267,8 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, run_main
     assert config["n_ctx"] == config["n_positions"] == 64  # n_ctx: llama.cpp's converter reads that one
     line = one_line_error(run_main("download_weights.py", "--export-hf", tmp_path / "tiny.pt", out))
     assert f"{out / 'model.safetensors'} is from an earlier run and would be replaced" in line
-    assert run_main("download_weights.py", "--export-hf", out, out, "--overwrite").returncode == 0  # read, then rewritten
+    # read, then rewritten
+    assert run_main("download_weights.py", "--export-hf", out, out, "--overwrite").returncode == 0
     hf_logits_equal(GPT.from_pretrained(str(out)), hf, TINY["vocab_size"])
 
 
@@ -307,12 +312,14 @@ def test_hf_bad_files_are_one_clear_line(tmp_path, run_main):
         folder = tmp_path / name
         shutil.copytree(good, folder)
         if config:
-            (folder / "config.json").write_text(json.dumps({**json.loads((good / "config.json").read_text()), **config}))
+            (folder / "config.json").write_text(json.dumps({**json.loads((good / "config.json").read_text()),
+                                                            **config}))
         if tensors_ is not None:
             save_file(tensors_, folder / "model.safetensors")
         if data is not None:
             (folder / "model.safetensors").write_bytes(data)
-        return one_line_error(run_main("sample.py", "--model", folder, "--max-new-tokens", 1)), folder / "model.safetensors"
+        return (one_line_error(run_main("sample.py", "--model", folder, "--max-new-tokens", 1)),
+                folder / "model.safetensors")
 
     whole = (good / "model.safetensors").read_bytes()
     line, path = broken("cut", data=whole[:len(whole) // 2])
@@ -323,12 +330,15 @@ def test_hf_bad_files_are_one_clear_line(tmp_path, run_main):
     assert "config.json has model_type 'llama'; gpt2.py computes GPT-2 with 'gpt2'" in line
     line, _ = broken("relu", config={"activation_function": "relu"})
     assert "config.json has activation_function 'relu'" in line
-    line, path = broken("missing", tensors_={k: v for k, v in tensors.items() if k != "transformer.h.1.mlp.c_fc.bias"})
-    assert f"{path.parent} does not fit the model: missing ['transformer.h.1.mlp.c_fc.bias'], unexpected []" in line
-    line, path = broken("shape", tensors_={**tensors, "transformer.h.0.attn.c_attn.weight": torch.zeros(96, 32)})
+    line, path = broken("missing",
+                        tensors_={k: v for k, v in tensors.items() if k != "transformer.h.1.mlp.c_fc.bias"})
+    assert f"{path.parent} does not fit the model: missing ['transformer.h.1.mlp.c_fc.bias'], unexpected []" \
+           in line
+    line, path = broken("shape",
+                        tensors_={**tensors, "transformer.h.0.attn.c_attn.weight": torch.zeros(96, 32)})
     # the file's (in, out) (96, 32) is nn.Linear's (32, 96): the wrong way round
-    assert f"transformer.h.0.attn.c_attn.weight in {path.parent} holds torch.float32 numbers of shape [32, 96], " \
-           "not weights of shape [96, 32]" in line
+    assert f"transformer.h.0.attn.c_attn.weight in {path.parent} holds torch.float32 numbers of shape " \
+           "[32, 96], not weights of shape [96, 32]" in line
     line, _ = broken("wider", config={"n_embd": 64})
     assert "not weights of shape" in line
     line, _ = broken("noconfig", config={"n_positions": None, "n_layer": "two"})
@@ -336,10 +346,13 @@ def test_hf_bad_files_are_one_clear_line(tmp_path, run_main):
 
 
 def test_bad_download_leaves_no_empty_model_folder(tmp_path):
-    r = run_script("download_weights.py", "--models-dir", tmp_path, "--base-url", f"http://127.0.0.1:{free_port()}")
+    r = run_script("download_weights.py", "--models-dir", tmp_path,
+                   "--base-url", f"http://127.0.0.1:{free_port()}")
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and lines[-1].startswith("error: could not download") and "cannot connect" in lines[-1]
-    assert len(lines) == 3 and all(len(line) < 60 for line in lines[:2])  # a short line per retry, not the socket error
+    assert r.returncode == 1 and lines[-1].startswith("error: could not download") \
+           and "cannot connect" in lines[-1]
+    # a short line per retry, not the socket error
+    assert len(lines) == 3 and all(len(line) < 60 for line in lines[:2])
     assert not (tmp_path / "124M").exists()
 
 

@@ -25,7 +25,8 @@ def explore_png_ok(path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     pixels = plt.imread(str(path))
     colours = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)
-    assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and len(colours) > 20, (path, pixels.shape, len(colours))
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100 \
+           and len(colours) > 20, (path, pixels.shape, len(colours))
 
 
 def explore_parameters(n_layer, n_head, n_embd, vocab_size=50257, n_ctx=1024):
@@ -45,17 +46,20 @@ def test_explore_weights_of_the_real_124M_index(monkeypatch, capsys):
     lines = stdout.splitlines()
     rows = [line.split() for line in lines if line.startswith("transformer.")]
     assert {openai: tuple(map(int, shape.split("x"))) for _, openai, _, shape, _ in rows} == real_index()
-    for ours, theirs in ((tuple(map(int, a.split("x"))), tuple(map(int, b.split("x")))) for _, _, a, b, _ in rows):
+    for ours, theirs in ((tuple(map(int, a.split("x"))), tuple(map(int, b.split("x"))))
+                         for _, _, a, b, _ in rows):
         assert theirs == ((1, ours[1], ours[0]) if len(theirs) == 3 else ours)  # linear layers: (1, in, out)
     counts = [int(n.replace(",", "")) for *_, n in rows]
     assert sum(counts) == 124_439_808 == explore_parameters(12, 12, 768)  # GPT-2 124M, the tied head once
     assert "total: 124,439,808 parameters" in stdout
-    blocks = {name: int(n.replace(",", "")) for name, n in (line.split() for line in lines if line.startswith("  h."))}
+    blocks = {name: int(n.replace(",", ""))
+              for name, n in (line.split() for line in lines if line.startswith("  h."))}
     assert len(blocks) == 12 and set(blocks.values()) == {explore_parameters(1, 12, 768, 0, 0) - 2 * 768}
     sizes = {line.split()[0]: [int(x.replace(",", "")) for x in line.split()[1:]]
              for line in lines if re.match(r"^  \d+M ", line)}
     assert sizes == {name: [L, H, C, explore_parameters(L, H, C)] for name, (L, H, C) in
-                     {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280), "1558M": (48, 25, 1600)}.items()}
+                     {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280),
+                      "1558M": (48, 25, 1600)}.items()}
 
 
 def test_explore_weights_of_our_checkpoint(tmp_path):
@@ -73,7 +77,8 @@ def test_explore_attention_weights_are_causal_sum_to_1_and_equal_q_dot_k():
     model = tiny_model(seed=5)
     ids = torch.randint(0, TINY["vocab_size"], (20,)).tolist()
     inputs = []
-    hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(args[0])) for block in model.transformer.h]
+    hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+             for block in model.transformer.h]
     weights = explore.attention_weights(model, ids)
     for hook in hooks:
         hook.remove()
@@ -115,7 +120,8 @@ def test_explore_neighbors_and_analogy_equal_brute_force():
 
 
 def test_explore_pca_equals_the_covariance_eigenvectors():
-    """--words' plane: the two eigenvectors of the covariance with the largest eigenvalues (numpy), up to sign."""
+    """--words' plane: the two eigenvectors of the covariance with the largest eigenvalues (numpy), up to
+    sign."""
     import numpy as np
 
     x = tiny_model(seed=9).transformer.wte.weight.detach()[:10]
@@ -132,7 +138,8 @@ def test_explore_next_token_probabilities_equal_softmax_of_transformers_logits()
     ids = torch.randint(0, TINY["vocab_size"], (30,))
     with torch.no_grad():
         expected = F.softmax(hf_twin(model)(ids[None]).logits[0], dim=-1)
-    torch.testing.assert_close(explore.next_token_probabilities(model, ids.tolist()), expected, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(explore.next_token_probabilities(model, ids.tolist()), expected, atol=1e-6,
+                               rtol=1e-4)
 
 
 EXPLORE_TEXT = "Every effort moves you to the end"
@@ -171,8 +178,10 @@ def test_explore_script_prints_brute_force_neighbors_and_transformers_probabilit
                                     [king, man, woman])):
         lines = stdout.split(title)[1].splitlines()[1:4]
         expected = explore_brute_force(wte, vector, 3, exclude)
-        assert [line.rsplit(None, 1)[0].strip() for line in lines] == [repr(tok.decode([i])) for i, _ in expected]
-        assert [float(line.split()[-1]) for line in lines] == pytest.approx([s for _, s in expected], abs=1e-3)
+        assert [line.rsplit(None, 1)[0].strip() for line in lines] \
+               == [repr(tok.decode([i])) for i, _ in expected]
+        assert [float(line.split()[-1]) for line in lines] \
+               == pytest.approx([s for _, s in expected], abs=1e-3)
 
     ids = tok.encode(EXPLORE_TEXT)
     with torch.no_grad():
@@ -183,25 +192,31 @@ def test_explore_script_prints_brute_force_neighbors_and_transformers_probabilit
         top = probs[t].topk(3)
         printed = [float(p) for p in re.findall(r"['\"] ([\d.e+-]+)(?:,|$)", line)]
         assert printed == pytest.approx(top.values.tolist(), rel=1e-3), line
-        assert line.index(repr(tok.decode([top.indices[0].item()]))) < line.index(repr(tok.decode([top.indices[2].item()])))
+        assert line.index(repr(tok.decode([top.indices[0].item()]))) \
+               < line.index(repr(tok.decode([top.indices[2].item()])))
         if t + 1 < len(ids):
             surprisal = float(re.search(r" [\d.e+-]+ +([\d.]+)   ", line).group(1))
             assert surprisal == pytest.approx(-probs[t, ids[t + 1]].log().item(), abs=0.01)
-    assert f"loss {reference.loss.item():.3f} nats per token, perplexity {reference.loss.exp().item():.1f}" in stdout
+    assert f"loss {reference.loss.item():.3f} nats per token, perplexity {reference.loss.exp().item():.1f}" \
+           in stdout
 
 
 @pytest.mark.parametrize("args, message", [
     (["--neighbors", "Xqzvbtkw"], "error: ' Xqzvbtkw' is 6 tokens"),
-    (["--next", "word " * 70], "error: --next: the text is 71 tokens, longer than the model's context window (64)"),
+    (["--next", "word " * 70],
+     "error: --next: the text is 71 tokens, longer than the model's context window (64)"),
     (["--neighbors", ""], "error: '' is not a word: give one such as king"),
     (["--neighbors", " "], "error: ' ' is not a word: give one such as king"),
     (["--words", "king", "", "queen"], "error: '' is not a word: give one such as king"),
-    (["--next", EXPLORE_TEXT, "--top-k", 60000], "error: --top-k 60,000 is more than the 50,257 tokens of GPT-2's"),
-    (["--neighbors", "king", "--top-k", 50258], "error: --top-k 50,258 is more than the 50,257 tokens of GPT-2's"),
+    (["--next", EXPLORE_TEXT, "--top-k", 60000],
+     "error: --top-k 60,000 is more than the 50,257 tokens of GPT-2's"),
+    (["--neighbors", "king", "--top-k", 50258],
+     "error: --top-k 50,258 is more than the 50,257 tokens of GPT-2's"),
 ])
 def test_explore_bad_input_is_one_clear_line(explore_run, args, message, run_main):
     model, pictures, _ = explore_run
-    r = run_main("explore.py", "--model", pictures.parent / "tiny.pt", "--out-dir", pictures.parent / "bad", *args)
+    r = run_main("explore.py", "--model", pictures.parent / "tiny.pt", "--out-dir", pictures.parent / "bad",
+                 *args)
     assert r.returncode == 1 and r.stdout == "" and r.stderr.strip() == r.stderr.strip().splitlines()[-1]
     assert r.stderr.startswith(message), r.stderr
     assert not (pictures.parent / "bad").exists()

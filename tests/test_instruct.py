@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from common import configure_optimizer, format_prompt
-from finetune_instruct import IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, load_entries, merge_lora, split
+from finetune_instruct import (IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, load_entries,
+                               merge_lora, split)
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.conftest import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, assert_bitwise_equal, free_port, one_line_error, run_script,
-                            reply, stop_then_resume, tiny_model)
+from tests.conftest import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, assert_bitwise_equal, free_port,
+                            one_line_error, run_script, reply, stop_then_resume, tiny_model)
 
 
 
@@ -27,7 +28,8 @@ def instruct_tiny_gpt(seed=0):
 def test_instruct_format_prompt_is_the_alpaca_text():
     head = ("Below is an instruction that describes a task. Write a response that appropriately "
             "completes the request.\n\n### Instruction:\nRewrite the sentence in passive voice.")
-    with_input = {"instruction": "Rewrite the sentence in passive voice.", "input": "The chef cooked the meal."}
+    with_input = {"instruction": "Rewrite the sentence in passive voice.",
+                  "input": "The chef cooked the meal."}
     assert format_prompt(with_input) == head + "\n\n### Input:\nThe chef cooked the meal.\n\n### Response:\n"
     assert format_prompt({**with_input, "input": ""}) == head + "\n\n### Response:\n"
     assert format_prompt({"instruction": with_input["instruction"]}) == head + "\n\n### Response:\n"
@@ -49,7 +51,8 @@ def test_instruct_collate_masks_token_by_token():
     batch = [([1, 2, 3, 4, EOT], 3), ([5, 6, EOT], 1)]  # (ids ending with <|endoftext|>, prompt length)
     inputs, targets = collate(batch, EOT)
     assert inputs.tolist() == [[1, 2, 3, 4], [5, 6, EOT, EOT]]
-    assert targets.tolist() == [[2, 3, 4, EOT], [6, EOT, IGNORE, IGNORE]]  # first end-of-text kept, padding ignored
+    # first end-of-text kept, padding ignored
+    assert targets.tolist() == [[2, 3, 4, EOT], [6, EOT, IGNORE, IGNORE]]
     _, masked = collate(batch, EOT, mask_prompt=True)
     assert masked.tolist() == [[IGNORE, IGNORE, 4, EOT], [6, EOT, IGNORE, IGNORE]]  # only answer tokens count
     inputs, targets = collate(batch, EOT, mask_prompt=True, max_length=3)
@@ -156,8 +159,9 @@ def test_instruct_lora_trains_only_the_low_rank_matrices_and_merges_exactly():
 
 def test_instruct_lora_run_saves_a_plain_checkpoint_plot_and_test_answers(tmp_path):
     out = tmp_path / "instruct"
-    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--lora-rank", 4, "--lora-alpha", 8, "--mask-prompt",
-                   "--context-length", 128, "--max-iters", 3, "--eval-interval", 2, "--out-dir", out)
+    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--lora-rank", 4, "--lora-alpha", 8,
+                   "--mask-prompt", "--context-length", 128, "--max-iters", 3, "--eval-interval", 2,
+                   "--out-dir", out)
     assert r.returncode == 0, r.stderr
     assert "935 train, 55 validation, 110 test" in r.stdout
     C, L, V = 64, 2, 50257
@@ -179,8 +183,8 @@ def test_instruct_lora_run_saves_a_plain_checkpoint_plot_and_test_answers(tmp_pa
 
 def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path):
     out = tmp_path / "full"
-    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--max-iters", 8, "--eval-interval", 4, "--context-length", 96,
-                   "--out-dir", out)
+    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--max-iters", 8, "--eval-interval", 4,
+                   "--context-length", 96, "--out-dir", out)
     assert r.returncode == 0, r.stderr
     assert "full fine-tuning" in r.stdout and "(100.00%)" in r.stdout
     val = [float(line.split("val loss ")[1].split(" ")[0].rstrip(",")) for line in r.stdout.splitlines()
@@ -196,7 +200,8 @@ def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path)
         with torch.no_grad():
             new = []
             for _ in range(3):  # plain argmax over the full sequence, no KV cache, no padding
-                next_id = model(torch.cat([prompt, torch.tensor([new], dtype=torch.long)], dim=1))[0][0, -1].argmax().item()
+                next_id = model(torch.cat([prompt, torch.tensor([new], dtype=torch.long)],
+                                          dim=1))[0][0, -1].argmax().item()
                 if next_id == EOT:
                     break
                 new.append(next_id)
@@ -204,7 +209,8 @@ def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path)
 
 
 def test_instruct_bad_input_is_one_clear_line(tmp_path):
-    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--out-dir", tmp_path / "x", "--data", "missing.json")
+    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--out-dir", tmp_path / "x",
+                   "--data", "missing.json")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "missing.json not found: expected a JSON list of entries with instruction, output" in r.stderr
     torch.save(tiny_model(vocab_size=EOT + 1).checkpoint(), tmp_path / "tiny.pt")  # a window of 64 positions
@@ -265,7 +271,8 @@ def test_instruct_judge_scores_each_answer_and_writes_the_mean(tmp_path, instruc
     instruct_ollama.replies = ["85", " 40\n", "100."]
     r = instruct_judge(path, instruct_ollama, "--seed", 7)
     assert r.returncode == 0, r.stderr
-    assert "entry 0: score 85" in r.stdout and "entry 1: score 40" in r.stdout and "entry 2: score 100" in r.stdout
+    assert "entry 0: score 85" in r.stdout and "entry 1: score 40" in r.stdout \
+           and "entry 2: score 100" in r.stdout
     assert "mean score 75.00 over 3 entries" in r.stdout
     assert [e["score"] for e in json.loads(path.read_text())] == [85, 40, 100]
     assert len(instruct_ollama.requests) == 3
@@ -285,13 +292,16 @@ def test_instruct_judge_retries_a_non_number_then_counts_it_failed_not_zero(tmp_
     instruct_ollama.replies = ["Great answer!"] * tries + ["Score: none", "50"]
     r = instruct_judge(path, instruct_ollama)
     assert r.returncode == 0, r.stderr
-    assert f"entry 0: the judge's reply 'Great answer!' is not a score after {tries} tries: counted as failed" in r.stdout
+    assert f"entry 0: the judge's reply 'Great answer!' is not a score after {tries} tries: " \
+           "counted as failed" in r.stdout
     assert "entry 1: score 50" in r.stdout
-    assert "mean score 50.00 over 1 entries (1 failed, not counted; they keep their earlier score)" in r.stdout
+    assert "mean score 50.00 over 1 entries (1 failed, not counted; they keep their earlier score)" \
+           in r.stdout
     assert [e["score"] for e in json.loads(path.read_text())] == [None, 50]
     assert len(instruct_ollama.requests) == tries + 2
     retry = instruct_ollama.requests[1][1]["messages"]  # the retry shows the judge its own reply
-    assert [m["role"] for m in retry] == ["user", "assistant", "user"] and retry[1]["content"] == "Great answer!"
+    assert [m["role"] for m in retry] == ["user", "assistant", "user"] \
+           and retry[1]["content"] == "Great answer!"
 
 
 def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama):
@@ -304,8 +314,8 @@ def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama):
 
 
 def test_bad_a_judge_without_scores_never_erases_earlier_ones(tmp_path, instruct_ollama):
-    """Class 4: scores, then a second run whose judge gives none: the file is byte-identical; a run that scores
-    some entries keeps the earlier score of each entry it could not score."""
+    """Class 4: scores, then a second run whose judge gives none: the file is byte-identical; a run that
+    scores some entries keeps the earlier score of each entry it could not score."""
     path, _ = instruct_responses(tmp_path, 2)
     instruct_ollama.replies = ["85", "40"]
     assert instruct_judge(path, instruct_ollama).returncode == 0
@@ -328,7 +338,8 @@ def test_instruct_judge_names_a_missing_model(tmp_path, instruct_ollama):
 def test_instruct_judge_says_when_the_server_is_unreachable(tmp_path):
     path, _ = instruct_responses(tmp_path, 1)
     port = free_port()
-    r = run_script("finetune_instruct.py", "--judge", path, "--ollama-url", f"http://127.0.0.1:{port}", timeout=60)
+    r = run_script("finetune_instruct.py", "--judge", path, "--ollama-url", f"http://127.0.0.1:{port}",
+                   timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"cannot reach Ollama at http://127.0.0.1:{port}: start it with `ollama serve`" in r.stderr
 
@@ -353,8 +364,9 @@ def test_bad_judge_reply_without_content(tmp_path, serve):
 class HtmlErrorPage(BaseHTTPRequestHandler):  # a proxy in front of Ollama, answering with its error page
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        page = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n<center><h1>502 Bad Gateway</h1>" \
-               "</center>\n<hr><center>nginx</center>\n</body>\n</html>\n" + "<!-- padding -->\n" * 6
+        page = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n<center>" \
+               "<h1>502 Bad Gateway</h1></center>\n<hr><center>nginx</center>\n</body>\n</html>\n" \
+               + "<!-- padding -->\n" * 6
         reply(self, page.encode(), status=502, content_type="text/html")
 
     def log_message(self, *args):
@@ -374,9 +386,12 @@ def test_instruct_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
     frozen ones), AdamW's state and the history of a run never stopped, bit for bit; the same answers."""
     args = [*INSTRUCT_TINY, "--lora-rank", 4, "--mask-prompt", "--context-length", 128, "--max-iters", 120,
             "--eval-interval", 5, "--dropout", 0.1]
-    a, b, stopped_at, stdout = stop_then_resume("finetune_instruct.py", args, "straight", "stopped", cwd=tmp_path)
-    assert 1 <= stopped_at < 120 and "python finetune_instruct.py --resume --out-dir stopped continues" in stdout
+    a, b, stopped_at, stdout = stop_then_resume("finetune_instruct.py", args, "straight", "stopped",
+                                                cwd=tmp_path)
+    assert 1 <= stopped_at < 120 \
+           and "python finetune_instruct.py --resume --out-dir stopped continues" in stdout
     assert a["step"] == 120 and any(k.endswith(".A") for k in a["model"])
     assert_bitwise_equal(a, b)
-    responses = [json.loads((tmp_path / run / "responses.json").read_text()) for run in ("straight", "stopped")]
+    responses = [json.loads((tmp_path / run / "responses.json").read_text())
+                 for run in ("straight", "stopped")]
     assert responses[0] == responses[1]

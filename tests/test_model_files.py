@@ -19,7 +19,8 @@ TOKENS = GPTConfig.vocab_size  # GPT-2's 50,257
 
 def padded_model():
     """A tiny model with nanoGPT's padded vocabulary whose extra rows win every prediction: ln_f makes each
-    hidden state all ones, and the rows past GPT-2's tokens are all tens (logit 320, the real ones about 2)."""
+    hidden state all ones, and the rows past GPT-2's tokens are all tens (logit 320, the real ones about
+    2)."""
     model = tiny_model(seed=3, vocab_size=50304)
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
@@ -42,7 +43,8 @@ def test_a_padded_vocabulary_never_yields_an_id_past_gpt2s(tmp_path, run_main):
     with torch.no_grad():
         model.transformer.wte.weight[TOKENS:] = model.transformer.wte.weight[king]  # cosine 1 with ' king'
     wte = model.transformer.wte.weight
-    assert all(i >= TOKENS for i, _ in explore.nearest(wte, wte[king], 5, [king]))  # unsliced: the padded rows
+    # unsliced: the padded rows
+    assert all(i >= TOKENS for i, _ in explore.nearest(wte, wte[king], 5, [king]))
     assert all(i < TOKENS for i, _ in explore.nearest(explore.token_embeddings(model), wte[king], 5, [king]))
     # the scripts, through a Hugging Face folder of it
     write_hf(padded_model(), tmp_path / "padded")
@@ -73,8 +75,8 @@ def test_a_classifier_is_named_as_one_with_what_it_is_for(tmp_path, run_main):
                  ("explore.py", "--neighbors", "king", "--model", tmp_path / "classifier.pt"),
                  ("download_weights.py", "--export-hf", tmp_path / "classifier.pt", tmp_path / "hf")):
         line = one_line_error(run_main(*args))
-        assert "classifier.pt is a classifier (ham/spam), not a language model: it tells spam from ham, with " \
-               f"python finetune_spam.py --classify TEXT --out-dir {tmp_path}" in line
+        assert "classifier.pt is a classifier (ham/spam), not a language model: it tells spam from ham, " \
+               f"with python finetune_spam.py --classify TEXT --out-dir {tmp_path}" in line
     assert snapshot(tmp_path) == before and not (tmp_path / "hf").exists()
 
 

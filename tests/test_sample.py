@@ -47,7 +47,8 @@ def test_sample_greedy_equals_generate(sample_ckpt, sample):
     out = model.generate(torch.tensor([ids]), 60, temperature=0)
     assert r.stdout == prompt + tok.decode(out[0, len(ids):].tolist()) + "\n"
     batch = sample(path, "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 60, "--num-samples", 3)
-    assert batch.stdout.split("\n" + "-" * 40 + "\n") == [r.stdout] * 3  # one batch, each row as the single run
+    # one batch, each row as the single run
+    assert batch.stdout.split("\n" + "-" * 40 + "\n") == [r.stdout] * 3
 
 
 def test_sample_prints_characters_split_over_tokens_whole(capsys):
@@ -92,7 +93,8 @@ def test_sample_instruction_stops_at_end_of_text(sample_ckpt, tmp_path, sample):
         model.transformer.ln_f.weight[0], model.transformer.ln_f.weight[1] = -1.0, -100.0
     path = str(tmp_path / "yes.pt")
     save_atomic(model.checkpoint(), path)
-    assert tok.decode(model.generate(torch.tensor([[0]]), 4, temperature=0)[0, 1:].tolist()) == " Yes<|endoftext|>" * 2
+    assert tok.decode(model.generate(torch.tensor([[0]]), 4, temperature=0)[0, 1:].tolist()) \
+           == " Yes<|endoftext|>" * 2
     r = sample(path, "--instruction", "Is the sky blue?", "--temperature", 0, "--max-new-tokens", 20)
     assert r.returncode == 0, r.stderr
     assert r.stdout == " Yes\n"

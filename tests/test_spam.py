@@ -11,8 +11,8 @@ import torch
 import common
 import finetune_spam as fs
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.conftest import (EOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script, spam_sample,
-                            stop_then_resume)
+from tests.conftest import (EOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script,
+                            spam_sample, stop_then_resume)
 
 
 
@@ -22,8 +22,8 @@ def spam_run(tmp_path_factory):
     """A tiny fine-tuning run on 60 ham and 60 spam lines of the real file."""
     tmp = tmp_path_factory.mktemp("spam")
     spam_sample(tmp)
-    r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "2",
-                    "--lr", "1e-3", "--seed", "7", *SPAM_TINY, cwd=tmp)
+    r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out",
+                   "--epochs", "2", "--lr", "1e-3", "--seed", "7", *SPAM_TINY, cwd=tmp)
     assert r.returncode == 0, r.stderr
     return tmp
 
@@ -32,7 +32,8 @@ def test_spam_reads_every_line_of_the_real_file():
     messages = fs.read_messages(SPAM_DATA)
     raw = SPAM_DATA.read_bytes().split(b"\n")
     assert len(messages) == sum(1 for l in raw if l) == 5574
-    assert sum(1 for label, _ in messages if label == "spam") == sum(1 for l in raw if l.startswith(b"spam\t")) == 747
+    assert sum(1 for label, _ in messages if label == "spam") \
+           == sum(1 for l in raw if l.startswith(b"spam\t")) == 747
     with open(SPAM_DATA, encoding="utf-8", newline="") as f:  # CSV quoting (pandas' default) merges lines
         assert len(list(csv.reader(f, delimiter="\t"))) == 5572
 
@@ -44,7 +45,8 @@ def test_spam_split_is_balanced_deterministic_and_kept(tmp_path):
     assert split != fs.balanced_split(messages, 124)
     assert {name: len(ms) for name, ms in split.items()} == {"train": 1045, "validation": 149, "test": 300}
     everything = [m for ms in split.values() for m in ms]
-    assert sum(1 for label, _ in everything if label == "spam") == sum(1 for label, _ in everything if label == "ham") == 747
+    assert sum(1 for label, _ in everything if label == "spam") \
+           == sum(1 for label, _ in everything if label == "ham") == 747
     # each line of the file at most once over the three parts (by identity: the file repeats some texts)
     lines = {id(m) for m in messages}
     assert all(id(m) in lines for m in everything) and len({id(m) for m in everything}) == len(everything)
@@ -67,14 +69,16 @@ def test_spam_last_real_token_of_padded_batch():
     assert idx.shape == (3, max(lengths)) and idx[0, lengths[0]:].eq(EOT).all()
     with torch.no_grad():
         batched = fs.classify(model, idx, lengths)
-        alone = torch.cat([fs.classify(model, torch.tensor([ids]), torch.tensor([len(ids)])) for ids, _ in examples])
+        alone = torch.cat([fs.classify(model, torch.tensor([ids]), torch.tensor([len(ids)]))
+                           for ids, _ in examples])
         at_padding = model.lm_head(model.hidden_states(idx)[:, -1])
     torch.testing.assert_close(batched, alone)
     assert not torch.allclose(at_padding[0], alone[0])  # the padding's own state would give another answer
     model.pool = "mean"  # the mean over the real tokens: the padding does not count either
     with torch.no_grad():
         batched = fs.classify(model, idx, lengths)
-        alone = torch.cat([fs.classify(model, torch.tensor([ids]), torch.tensor([len(ids)])) for ids, _ in examples])
+        alone = torch.cat([fs.classify(model, torch.tensor([ids]), torch.tensor([len(ids)]))
+                           for ids, _ in examples])
     torch.testing.assert_close(batched, alone)
 
 
@@ -101,14 +105,16 @@ def test_spam_learning_rate_schedule():
     assert {common.learning_rate(step, 100, constant) for step in range(100)} == {1e-3}
     cosine = fs.parser().parse_args(["--lr", "1e-3", "--min-lr", "1e-5", "--warmup-iters", "10"])
     lrs = [common.learning_rate(step, 100, cosine) for step in range(100)]
-    assert lrs[:10] == pytest.approx([1e-4 * (step + 1) for step in range(10)])  # linear warmup, --lr at step 9
+    # linear warmup, --lr at step 9
+    assert lrs[:10] == pytest.approx([1e-4 * (step + 1) for step in range(10)])
     assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)  # then cosine down to --min-lr
     assert lrs[(10 + 99) // 2] == pytest.approx((1e-3 + 1e-5) / 2, rel=0.05)  # halfway down halfway through
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
 def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
-    split = {name: fs.read_messages(spam_run / "split" / f"{name}-seed7.tsv") for name in ("train", "validation", "test")}
+    split = {name: fs.read_messages(spam_run / "split" / f"{name}-seed7.tsv")
+             for name in ("train", "validation", "test")}
     assert {name: len(ms) for name, ms in split.items()} == {"train": 84, "validation": 12, "test": 24}
     report = json.loads((spam_run / "out" / "metrics.json").read_text())
     for name, ms in split.items():
@@ -122,7 +128,8 @@ def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
 
     # ... and it beats always answering the larger class, clearly on train and also on unseen messages
     def majority(names):
-        return max(sum(label == c for name in names for label, _ in split[name]) for c in fs.LABELS) / sum(len(split[n]) for n in names)
+        return max(sum(label == c for name in names for label, _ in split[name])
+                   for c in fs.LABELS) / sum(len(split[n]) for n in names)
 
     def accuracy(names):
         right = sum(report[n]["confusion"][0][0] + report[n]["confusion"][1][1] for n in names)
@@ -140,7 +147,8 @@ def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
     ids = torch.tensor([Tokenizer().encode(text)])
     with torch.no_grad():
         probs = torch.softmax(fs.classify(model, ids, torch.tensor([ids.size(1)])), -1)[0]
-    assert label == fs.LABELS[int(probs.argmax())] and float(prob) == pytest.approx(probs.max().item(), abs=1e-3)
+    assert label == fs.LABELS[int(probs.argmax())] \
+           and float(prob) == pytest.approx(probs.max().item(), abs=1e-3)
 
 
 def test_spam_seeds_one_folder_each_then_the_summary(tmp_path):
@@ -148,20 +156,22 @@ def test_spam_seeds_one_folder_each_then_the_summary(tmp_path):
     earlier = tmp_path / "out" / "seed5" / "classifier.pt"
     earlier.parent.mkdir(parents=True)
     earlier.write_bytes(b"an earlier run")
-    args = ["--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "1", "--lr", "1e-3",
-            "--seeds", "3,5", *SPAM_TINY]
+    args = ["--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "1",
+            "--lr", "1e-3", "--seeds", "3,5", *SPAM_TINY]
     r = run_script("finetune_spam.py", *args, cwd=tmp_path)
     assert r.returncode == 1 and "out/seed5/classifier.pt is from an earlier run" in r.stderr, r.stderr
     assert not (tmp_path / "out" / "seed3").exists()  # refused before the first seed trained
     r = run_script("finetune_spam.py", *args, "--overwrite", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "out" / "seeds.json").read_text())
-    runs = {seed: json.loads((tmp_path / "out" / f"seed{seed}" / "metrics.json").read_text()) for seed in (3, 5)}
+    runs = {seed: json.loads((tmp_path / "out" / f"seed{seed}" / "metrics.json").read_text())
+            for seed in (3, 5)}
     assert list(summary["seeds"]) == ["3", "5"] and summary["args"]["seeds"] == [3, 5]
     for seed, run in runs.items():
         assert run["args"]["seed"] == seed and (tmp_path / "split" / f"test-seed{seed}.tsv").is_file()
         row = summary["seeds"][str(seed)]
-        assert row["test_accuracy"] == run["test"]["accuracy"] and row["val_loss"] == run["validation"]["loss"]
+        assert row["test_accuracy"] == run["test"]["accuracy"] \
+               and row["val_loss"] == run["validation"]["loss"]
         assert row["cpu_s"] == run["time"]["cpu_s"] > 0 and row["wall_s"] == run["time"]["wall_s"] > 0
     accuracies = [run["test"]["accuracy"] for run in runs.values()]
     assert summary["mean"]["test_accuracy"] == pytest.approx(sum(accuracies) / 2)
@@ -173,9 +183,9 @@ def test_spam_seeds_one_folder_each_then_the_summary(tmp_path):
 def test_spam_patience_stops_and_pool_is_kept(tmp_path):
     spam_sample(tmp_path)
     # lr 0: the validation loss never falls below step 0's, so patience 2 stops at the second evaluation after
-    r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "5",
-                   "--patience", "2", "--lr", "0", "--pool", "mean", "--label-smoothing", "0.1", "--grad-clip", "1",
-                   *SPAM_TINY, cwd=tmp_path)
+    r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out",
+                   "--epochs", "5", "--patience", "2", "--lr", "0", "--pool", "mean",
+                   "--label-smoothing", "0.1", "--grad-clip", "1", *SPAM_TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["history"]["step"] == [0, 10, 20] and report["best_step"] == 0
@@ -185,7 +195,8 @@ def test_spam_patience_stops_and_pool_is_kept(tmp_path):
 @pytest.mark.parametrize("seeds, message", [
     ("0-4,4", "must name each seed once"),  # seed 4 twice
     ("5-2", "5-2 is an empty range: write the smaller seed first"),
-    ("0-100000000", "0-100000000 names more than 1000 seeds (a fine-tuning each)"),  # refused before any list is built
+    # refused before any list is built
+    ("0-100000000", "0-100000000 names more than 1000 seeds (a fine-tuning each)"),
     ("one", "must be seeds like 0-9, 1,4,7 or 0-4,9, not one"),
 ])
 def test_spam_seeds_flag_is_checked(tmp_path, seeds, message, run_main, monkeypatch):
@@ -198,15 +209,18 @@ def test_spam_seeds_flag_is_checked(tmp_path, seeds, message, run_main, monkeypa
 
 def test_spam_text_longer_than_context(spam_run):
     r = run_script("finetune_spam.py", "--classify", "free prize " * 200, "--out-dir", "out", cwd=spam_run)
-    assert r.returncode == 1 and "longer than the model's context (300)" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "longer than the model's context (300)" in r.stderr \
+           and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--classify", "hello", "--out-dir", "nowhere"], "nowhere/classifier.pt not found: train one first with"),
+    (["--classify", "hello", "--out-dir", "nowhere"],
+     "nowhere/classifier.pt not found: train one first with"),
     (["--data", "missing.tsv"], "missing.tsv not found"),
     (["--data", "bad.tsv"], "bad.tsv line 2 is not 'ham|spam<TAB>text'"),
     (["--data", "ham-only.tsv"], "has no spam messages"),
-    (["--data", str(SPAM_DATA), "--trainable-blocks", "3", *SPAM_TINY], "--trainable-blocks 3: give 'all' or a number from 0 to 2"),
+    (["--data", str(SPAM_DATA), "--trainable-blocks", "3", *SPAM_TINY],
+     "--trainable-blocks 3: give 'all' or a number from 0 to 2"),
 ])
 def test_spam_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "bad.tsv").write_text("ham\tfine\nthis line has no label\n", encoding="utf-8")
@@ -218,8 +232,8 @@ def test_spam_bad_input_is_one_clear_line(tmp_path, args, message):
 
 def test_bad_spam_data_too_small_to_split(tmp_path, run_main):
     (tmp_path / "two.tsv").write_text("ham\thello\nspam\tWIN NOW\n", encoding="utf-8")
-    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", tmp_path / "two.tsv", "--out-dir", tmp_path / "o",
-                                     "--split-dir", tmp_path / "s"))
+    line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--data", tmp_path / "two.tsv",
+                                   "--out-dir", tmp_path / "o", "--split-dir", tmp_path / "s"))
     assert "2 balanced messages (1 spam) are too few to split" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
 
@@ -234,5 +248,7 @@ def test_spam_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
     assert 1 <= stopped_at < 150 and "python finetune_spam.py --resume --out-dir stopped continues" in stdout
     assert a["step"] == 150
     assert_bitwise_equal(a, b)
-    best = [torch.load(tmp_path / run / "classifier.pt", weights_only=True) for run in ("straight", "stopped")]
-    assert best[0]["step"] == best[1]["step"] and all(torch.equal(v, best[1]["model"][k]) for k, v in best[0]["model"].items())
+    best = [torch.load(tmp_path / run / "classifier.pt", weights_only=True)
+            for run in ("straight", "stopped")]
+    assert best[0]["step"] == best[1]["step"] \
+           and all(torch.equal(v, best[1]["model"][k]) for k, v in best[0]["model"].items())

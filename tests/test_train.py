@@ -9,16 +9,16 @@ from torch.nn import functional as F
 
 from corpus import load_tokens
 from gpt2 import GPT, Tokenizer
-from tests.conftest import (TRAIN_TINY, assert_bitwise_equal, free_port, run_script, stop_then_resume, train_args, train_load,
-                            train_run, train_verdict)
+from tests.conftest import (TRAIN_TINY, assert_bitwise_equal, free_port, run_script, stop_then_resume,
+                            train_args, train_load, train_run, train_verdict)
 
 
 
 
 def test_train_tiny_learns_and_reports_true_losses(tmp_path):
     data, out = train_verdict(tmp_path), tmp_path / "out"
-    r = train_run(data, out, "--max-iters", "40", "--batch-size", "4", "--lr", "3e-3", "--eval-interval", "20",
-                  "--dropout", "0")
+    r = train_run(data, out, "--max-iters", "40", "--batch-size", "4", "--lr", "3e-3",
+                  "--eval-interval", "20", "--dropout", "0")
     ckpt = train_load(out / "ckpt.pt")
     hist = ckpt["history"]
     assert ckpt["step"] == 40 and hist["step"] == [0, 20, 40] and len(hist["loss"]) == 40
@@ -26,7 +26,8 @@ def test_train_tiny_learns_and_reports_true_losses(tmp_path):
     assert hist["val"][-1] < hist["val"][0] - 2.5
     assert "Every effort moves you" in r.stdout and "val loss" in r.stdout
 
-    # The final validation loss, recomputed here from tiktoken's ids: last 10% of tokens, windows of 32, stride 32.
+    # The final validation loss, recomputed here from tiktoken's ids: last 10% of tokens, windows
+    # of 32, stride 32.
     ids = tiktoken.get_encoding("gpt2").encode(data.read_text(encoding="utf-8"))
     val = ids[int(0.9 * len(ids)):]
     windows = torch.tensor([val[i:i + 33] for i in range(0, len(val) - 32, 32)])
@@ -41,7 +42,8 @@ def test_train_tiny_learns_and_reports_true_losses(tmp_path):
     png = (out / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
-    r = run_script("train.py", "--eval-only", "--init-from", out / "ckpt.pt", "--data", data, "--context-length", 32)
+    r = run_script("train.py", "--eval-only", "--init-from", out / "ckpt.pt", "--data", data,
+                   "--context-length", 32)
     assert r.returncode == 0, r.stderr[-3000:]
     all_windows = torch.tensor([ids[i:i + 33] for i in range(0, len(ids) - 32, 32)])
     with torch.no_grad():
@@ -52,9 +54,11 @@ def test_train_tiny_learns_and_reports_true_losses(tmp_path):
 
 def test_train_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
     data = train_verdict(tmp_path)
-    args = ["--data", data, *TRAIN_TINY, "--max-iters", "60", "--batch-size", "2", "--eval-interval", "5", "--dropout", "0.1"]
+    args = ["--data", data, *TRAIN_TINY, "--max-iters", "60", "--batch-size", "2", "--eval-interval", "5",
+            "--dropout", "0.1"]
     a, b, stopped_at, stdout = stop_then_resume("train.py", args, tmp_path / "straight", tmp_path / "stopped")
-    assert 1 <= stopped_at < 60 and f"python train.py --resume --out-dir {tmp_path / 'stopped'} continues" in stdout
+    assert 1 <= stopped_at < 60 \
+           and f"python train.py --resume --out-dir {tmp_path / 'stopped'} continues" in stdout
     assert a["step"] == 60
     assert_bitwise_equal(a, b)
 
@@ -63,10 +67,12 @@ def test_train_two_processes_match_one(tmp_path):
     data = train_verdict(tmp_path)
     args = ["--max-iters", "4", "--batch-size", "4", "--eval-interval", "2", "--dropout", "0", "--lr", "1e-3"]
     train_run(data, tmp_path / "one", *args)
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={free_port()}")
     r = train_run(data, tmp_path / "two", *args, launcher=torchrun)
     assert "2 process(es)" in r.stdout
-    one, two = train_load(tmp_path / "one" / "ckpt.pt")["history"], train_load(tmp_path / "two" / "ckpt.pt")["history"]
+    one, two = (train_load(tmp_path / "one" / "ckpt.pt")["history"],
+                train_load(tmp_path / "two" / "ckpt.pt")["history"])
     assert len(one["loss"]) == len(two["loss"]) == 4
     for key in ("loss", "train", "val"):
         assert max(abs(x - y) for x, y in zip(one[key], two[key])) < 1e-5, key
@@ -81,7 +87,8 @@ def test_train_from_many_shards_gives_the_losses_of_one(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "SHARD_TOKENS", 700)  # 8 shards: many windows of 33 tokens span two
     tokens = load_tokens(train_verdict(many), Tokenizer())
     assert len(tokens.shards) == 8
-    args = ["--max-iters", "4", "--batch-size", "4", "--eval-interval", "4", "--eval-batches", "2", "--dropout", "0.1"]
+    args = ["--max-iters", "4", "--batch-size", "4", "--eval-interval", "4", "--eval-batches", "2",
+            "--dropout", "0.1"]
     train_run(train_verdict(one), one / "out", *args)
     train_run(many / "the-verdict.txt", many / "out", *args)
     a, b = train_load(one / "out" / "ckpt.pt"), train_load(many / "out" / "ckpt.pt")
@@ -93,7 +100,8 @@ def test_train_bad_data_is_one_clear_line(tmp_path, run_main):
     (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
     (tmp_path / "short.txt").write_text("Far too short to train on. " * 20, encoding="utf-8")
     (tmp_path / "empty").mkdir()
-    cases = {"missing.txt": "not found", "latin1.txt": "is not UTF-8", "short.txt": "too short", "empty": "no .txt files"}
+    cases = {"missing.txt": "not found", "latin1.txt": "is not UTF-8", "short.txt": "too short",
+             "empty": "no .txt files"}
     for name, message in cases.items():
         r = run_main("train.py", *train_args(tmp_path / name, tmp_path / "out"))
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
@@ -106,8 +114,10 @@ def test_train_default_data_offline_says_where_to_put_it(tmp_path):
     r = run_script("train.py", *TRAIN_TINY, cwd=tmp_path, env=env, timeout=120)
     *retries, last = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert last.startswith("error: could not download") and "data/the-verdict.txt" in last and "--data" in last
-    assert len(retries) == 3 and all(len(line) < 60 for line in retries[1:])  # "not found: downloading", 2 short retries
+    assert last.startswith("error: could not download") and "data/the-verdict.txt" in last \
+           and "--data" in last
+    # "not found: downloading", 2 short retries
+    assert len(retries) == 3 and all(len(line) < 60 for line in retries[1:])
     assert not (tmp_path / "data" / "the-verdict.txt").exists()
 
 

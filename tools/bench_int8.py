@@ -1,6 +1,7 @@
 """Is int8 worth it on a CPU? gpt2.py's model in fp32 against the same model with int8 weights.
 
-    python -m tools.bench_int8 --model out-shakespeare/best.pt --text heldout.txt   # from the project's folder
+    # from the project's folder
+    python -m tools.bench_int8 --model out-shakespeare/best.pt --text heldout.txt
 
 The int8 model is PyTorch's dynamic quantization of the blocks' linear layers: weights stored as
 int8 with one scale per output row, activations quantized on the fly (the output head, tied to
@@ -62,9 +63,11 @@ def speeds(models, prompt, new_tokens, reps):
 
 def main():
     p = argument_parser(__doc__)
-    p.add_argument("--model", required=True, help="the model whose perplexity is compared: a .pt of ours, a size name or folder")
+    p.add_argument("--model", required=True,
+                   help="the model whose perplexity is compared: a .pt of ours, a size name or folder")
     p.add_argument("--text", required=True, help="a UTF-8 text the model was not trained on")
-    p.add_argument("--n-layer", type=number(int, 1), default=12, help="shape of the speed comparison (defaults: 124M)")
+    p.add_argument("--n-layer", type=number(int, 1), default=12,
+                   help="shape of the speed comparison (defaults: 124M)")
     p.add_argument("--n-head", type=number(int, 1), default=12)
     p.add_argument("--n-embd", type=number(int, 1), default=768)
     p.add_argument("--prompt-len", type=number(int, 1), default=32)
@@ -77,7 +80,8 @@ def main():
     with open(args.text, encoding="utf-8") as f:
         ids = load_tokenizer(args.model).encode(f.read())
     a, b = perplexity(model, ids), perplexity(quantized(model), ids)
-    rows.append((f"perplexity of {args.model} on {args.text} ({len(ids):,} tokens)", f"{a:.3f}", f"{b:.3f}", f"{b / a:.4f}x"))
+    rows.append((f"perplexity of {args.model} on {args.text} ({len(ids):,} tokens)", f"{a:.3f}", f"{b:.3f}",
+                 f"{b / a:.4f}x"))
 
     torch.manual_seed(0)
     fp32 = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).eval()
@@ -85,8 +89,8 @@ def main():
     prompt = torch.randint(0, fp32.config.vocab_size, (1, args.prompt_len))
     s = speeds(models, prompt, args.new_tokens, args.reps)
     n_params = sum(p.numel() for p in fp32.parameters()) / 1e6
-    rows.append((f"greedy generation, {n_params:.1f}M parameters, {args.prompt_len} + {args.new_tokens} tokens, tokens/s",
-                 f"{s['fp32']:.1f}", f"{s['int8']:.1f}", f"{s['int8'] / s['fp32']:.2f}x"))
+    rows.append((f"greedy generation, {n_params:.1f}M parameters, {args.prompt_len} + {args.new_tokens} "
+                 "tokens, tokens/s", f"{s['fp32']:.1f}", f"{s['int8']:.1f}", f"{s['int8'] / s['fp32']:.2f}x"))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.reps}")
     print("\n| measurement | fp32 | int8 | int8 / fp32 |\n| --- | ---: | ---: | ---: |")

@@ -27,8 +27,10 @@ TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length",
 
 
 def start(data, out):
-    """Start a tiny training run -> (the process, the time its first best.pt appeared: the evaluation of step 0)."""
-    p = subprocess.Popen([*TRAIN, "--data", data, "--out-dir", out, *TINY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start a tiny training run -> (the process, the time its first best.pt appeared: the evaluation of step
+    0)."""
+    p = subprocess.Popen([*TRAIN, "--data", data, "--out-dir", out, *TINY], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     while not Path(f"{out}/best.pt").exists() and p.poll() is None:
         time.sleep(0.01)
     return p, time.time()
@@ -45,7 +47,8 @@ def differences(a, b):
 
 def main():
     parser = argument_parser(__doc__)
-    parser.add_argument("--data", default="data/the-verdict.txt", help="text to train on (copied into a temp folder)")
+    parser.add_argument("--data", default="data/the-verdict.txt",
+                        help="text to train on (copied into a temp folder)")
     parser.add_argument("--tries", type=number(int, 1), default=20, help="interrupted runs to compare")
     parser.add_argument("--seed", type=int, default=0, help="for the moments of the Ctrl-C")
     args = parser.parse_args()
@@ -60,7 +63,8 @@ def main():
         for i in range(args.tries):
             out = f"{tmp}/try{i}"
             p, _ = start(data, out)
-            time.sleep(rng.uniform(0.0, 0.6) * tail)  # a random moment after the first evaluation (the tail ends with a plot)
+            # a random moment after the first evaluation (the tail ends with a plot)
+            time.sleep(rng.uniform(0.0, 0.6) * tail)
             p.send_signal(signal.SIGINT)
             if p.wait() != 130:
                 print(f"try {i}: finished before the Ctrl-C (exit {p.returncode})")
@@ -70,8 +74,8 @@ def main():
             found = differences(straight, torch.load(f"{out}/ckpt.pt", weights_only=True))
             interrupted += 1
             equal += not found
-            print(f"try {i}: stopped at step {stopped_at}, resumed: " + ("bitwise equal" if not found else
-                                                                         "DIFFERENT: " + ", ".join(found[:4])), flush=True)
+            print(f"try {i}: stopped at step {stopped_at}, resumed: "
+                  + ("bitwise equal" if not found else "DIFFERENT: " + ", ".join(found[:4])), flush=True)
     print(f"{equal} of {interrupted} interrupted runs resumed bitwise equal to the uninterrupted run")
 
 
