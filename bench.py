@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MB = 1e6
 TRAINING = {  # the training rows: setting -> (number format, fused AdamW)
     # (and in --runs, glibc's default: see keep_freed_memory)
-    "float32, foreach AdamW (as before)": ("float32", False),
+    "float32, torch's defaults (foreach AdamW)": ("float32", False),
     "float32, fused AdamW": ("float32", True),
     "bfloat16 autocast, fused AdamW": ("bfloat16", True),
 }
@@ -211,7 +211,7 @@ def load_peak(which, path):
 
 
 def training_run(argv, fused):
-    """Run in a fresh process: train.py with argv, its AdamW fused, or as before (torch's default foreach
+    """Run in a fresh process: train.py with argv, its AdamW fused, or with torch's defaults (foreach
     AdamW, and glibc's default of giving freed memory back) -> (seconds from start to end, the final
     validation loss, tokens trained on)."""
     import common

@@ -67,8 +67,8 @@ def test_float32_says_once_when_bfloat16_would_be_faster(tmp_path, monkeypatch, 
     r = run_main("train.py", *train_args(train_verdict(tmp_path), tmp_path / "o", "--max-iters", 1))
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
-    assert notes == ["note: this CPU computes bfloat16 natively: --dtype bfloat16 trains about "
-                     f"{common.BF16_SPEEDUP} faster (bench.py)"] and r.stdout.startswith("note:")
+    assert notes == ["note: this CPU computes bfloat16 natively: --dtype bfloat16 makes training steps "
+                     f"about {common.BF16_SPEEDUP} faster (bench.py)"] and r.stdout.startswith("note:")
     r = run_main("train.py", *train_args(tmp_path / "the-verdict.txt", tmp_path / "b", "--max-iters", 1,
                                          "--dtype", "bfloat16"))
     assert r.returncode == 0 and "note:" not in r.stdout, r.stderr
