@@ -344,41 +344,40 @@ def test_instruct_judge_says_when_the_server_is_unreachable(tmp_path):
     assert f"cannot reach Ollama at http://127.0.0.1:{port}: start it with `ollama serve`" in r.stderr
 
 
-class NullContentOllama(BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        reply(self, json.dumps({"message": {"role": "assistant", "content": None}, "done": True}).encode())
+def answering(body, status=200, content_type="application/octet-stream"):
+    """A server in Ollama's place that answers every request with body."""
+    class Answering(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            reply(self, body, status=status, content_type=content_type)
 
-    def log_message(self, *args):
-        pass
+        def log_message(self, *args):
+            pass
+    return Answering
+
+
+def judge_error_leaving_the_file(tmp_path, serve, handler):
+    """The judge's one-line error against handler; the responses file is as it was."""
+    path, _ = instruct_responses(tmp_path, 1)
+    before = path.read_bytes()
+    line = one_line_error(instruct_judge(path, serve(handler)))
+    assert path.read_bytes() == before
+    return line
 
 
 def test_bad_judge_reply_without_content(tmp_path, serve):
-    path, _ = instruct_responses(tmp_path, 1)
-    before = path.read_bytes()
-    line = one_line_error(instruct_judge(path, serve(NullContentOllama)))
+    null_content = json.dumps({"message": {"role": "assistant", "content": None}, "done": True})
+    line = judge_error_leaving_the_file(tmp_path, serve, answering(null_content.encode()))
     assert "did not answer with Ollama's chat JSON" in line
-    assert path.read_bytes() == before
-
-
-class HtmlErrorPage(BaseHTTPRequestHandler):  # a proxy in front of Ollama, answering with its error page
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        page = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n<center>" \
-               "<h1>502 Bad Gateway</h1></center>\n<hr><center>nginx</center>\n</body>\n</html>\n" \
-               + "<!-- padding -->\n" * 6
-        reply(self, page.encode(), status=502, content_type="text/html")
-
-    def log_message(self, *args):
-        pass
 
 
 def test_bad_judge_html_error_page_is_one_line_of_its_text(tmp_path, serve):
-    path, _ = instruct_responses(tmp_path, 1)
-    before = path.read_bytes()
-    line = one_line_error(instruct_judge(path, serve(HtmlErrorPage)))
+    # a proxy in front of Ollama, answering with its error page
+    page = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n<center>" \
+           "<h1>502 Bad Gateway</h1></center>\n<hr><center>nginx</center>\n</body>\n</html>\n" \
+           + "<!-- padding -->\n" * 6
+    line = judge_error_leaving_the_file(tmp_path, serve, answering(page.encode(), 502, "text/html"))
     assert line.endswith("answered HTTP 502: 502 Bad Gateway 502 Bad Gateway nginx") and "<" not in line, line
-    assert path.read_bytes() == before
 
 
 def test_instruct_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
