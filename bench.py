@@ -26,10 +26,14 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import (DTYPES, add_device_arg, argument_parser, configure_optimizer, keep_freed_memory,
-                    native_bf16, pick_device, run, save_atomic, train_layout)
+from cli import add_device_arg, argument_parser
+from devices import DTYPES, native_bf16, pick_device
 from download_weights import write_hf
+from errors import run
+from files import save_atomic
 from gpt2 import GPT, GPTConfig, load_weights
+from loading import train_layout
+from trainer import configure_optimizer, keep_freed_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MB = 1e6
@@ -214,12 +218,12 @@ def training_run(argv, fused):
     """Run in a fresh process: train.py with argv, its AdamW fused, or with torch's defaults (foreach
     AdamW, and glibc's default of giving freed memory back) -> (seconds from start to end, the final
     validation loss, tokens trained on)."""
-    import common
     import train
+    import trainer
 
-    train.configure_optimizer = functools.partial(common.configure_optimizer, fused=fused)
+    train.configure_optimizer = functools.partial(trainer.configure_optimizer, fused=fused)
     if not fused:
-        common.keep_freed_memory = lambda: None
+        trainer.keep_freed_memory = lambda: None
     sys.argv = ["train.py", *argv]
     t0 = time.perf_counter()
     train.main()

@@ -39,7 +39,8 @@ def fetch_data(folder, mirror=None):
     """Download the DATA_FILES folder lacks into it, each file whole or not at all, and fill its
     tiktoken-cache/ from the BPE files."""
     # the project's own: resumes, retries, renames a file only when whole
-    from common import download, replaced
+    from fetch import download
+    from files import replaced
 
     for name in missing(folder):
         url = (DATA_FILES[name] if not mirror

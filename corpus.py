@@ -29,7 +29,8 @@ from glob import glob
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, write_json
+from errors import UserError
+from files import write_json
 
 try:
     import fcntl  # the lock, on Linux and macOS

@@ -16,9 +16,12 @@ same files into DIR for any model the scripts load: a size name, a model folder 
 import os
 import shutil
 
-from common import (MODELS_DIR, add_overwrite_arg, argument_parser, check_out_files, download, load_model,
-                    model_path, replaced, run, write_json)
-from gpt2 import GPT, HF_CONFIG, GPTConfig, size_name
+from cli import add_overwrite_arg, argument_parser
+from errors import run
+from fetch import download
+from files import check_out_files, replaced, write_json
+from gpt2 import GPT, HF_CONFIG, MODELS_DIR, GPTConfig, size_name
+from loading import load_model, model_path
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
 FILES = ["checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",

@@ -22,9 +22,11 @@ import re
 import torch
 from torch.nn import functional as F
 
-from common import (UserError, add_renamed, argument_parser, load_model, load_tokenizer, model_path, number,
-                    pyplot, quiet_stderr, save_figure, run)
+from cli import add_renamed, argument_parser, number
+from errors import UserError, run
 from gpt2 import GPT, MODEL_SIZES, GPTConfig, read_config
+from loading import load_model, load_tokenizer, model_path, quiet_stderr
+from plots import pyplot, save_figure
 
 LABEL_CHARS = 12  # longest token label drawn on an axis
 

@@ -22,11 +22,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (UserError, add_model_args, add_renamed, add_training_args, argument_parser,
-                    check_size_args, check_training_memory, configure_optimizer, ensure_file, format_prompt,
-                    init_model, load_tokenizer, number, pick_device, precision, run, start_run, step_items,
-                    train, train_layout, write_json)
+from cli import add_model_args, add_renamed, argument_parser, check_size_args, number
+from devices import check_training_memory, pick_device, precision
+from errors import UserError, run
+from fetch import ensure_file
+from files import write_json
 from gpt2 import GPT, GPTConfig, load_weights
+from instruction import format_prompt
+from loading import init_model, load_tokenizer, train_layout
+from trainer import add_training_args, configure_optimizer, start_run, step_items, train
 
 DATA = "data/instruction-data.json"
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"

@@ -29,11 +29,14 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import (UserError, add_model_args, add_training_args, argument_parser, check_out_files,
-                    check_size_args, check_training_memory, configure_optimizer, ensure_file, init_model,
-                    load_tokenizer, number, pick_device, precision, read_checkpoint, replaced, run, start_run,
-                    step_items, train, train_layout, write_json)
+from cli import add_model_args, argument_parser, check_size_args, number
+from devices import check_training_memory, pick_device, precision
+from errors import UserError, run
+from fetch import ensure_file
+from files import check_out_files, read_checkpoint, replaced, write_json
 from gpt2 import GPT, GPTConfig, load_weights
+from loading import init_model, load_tokenizer, train_layout
+from trainer import add_training_args, configure_optimizer, start_run, step_items, train
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 DATA_FILE = "data/sms-spam/SMSSpamCollection"

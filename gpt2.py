@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
 # Tokenizer: GPT-2's byte-pair encoding (BPE) turns text into ids and back.
-class Tokenizer:  # tiktoken's "gpt2" encoding, or any Encoding (offline: common.py's openai_tokenizer)
+class Tokenizer:  # tiktoken's "gpt2" encoding, or any Encoding (offline: loading.py's openai_tokenizer)
     def __init__(self, enc=None):
         self.enc = enc or tiktoken.get_encoding("gpt2")
         self.eot_id = self.enc.eot_token  # <|endoftext|>, 50256: separates documents

@@ -14,8 +14,11 @@ from itertools import takewhile
 
 import torch
 
-from common import (UserError, add_device_arg, argument_parser, check_memory, format_prompt, load_model,
-                    load_tokenizer, number, pick_device, run)
+from cli import add_device_arg, argument_parser, number
+from devices import check_memory, pick_device
+from errors import UserError, run
+from instruction import format_prompt
+from loading import load_model, load_tokenizer
 
 
 def print_as_generated(ids, tokenizer):

@@ -396,7 +396,7 @@ def test_gpt2_py_copied_alone_imports_generates_and_reloads(tmp_path):
             "again = gpt2.GPT.from_pretrained('m.pt').generate(prompt, 5, temperature=0)\n"
             "print(out.shape[1], torch.equal(again, out), gpt2.__file__)\n"
             "print(sorted(n for n in sys.modules if n.split('.')[0] in\n"
-            "      {'common', 'tensorflow', 'safetensors', 'transformers', 'train', 'sample'}))\n")
+            "      {'cli', 'errors', 'loading', 'trainer', 'tensorflow', 'safetensors', 'transformers', 'train', 'sample'}))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == [f"7 True {tmp_path / 'gpt2.py'}", "[]"]

@@ -25,11 +25,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (UserError, add_model_args, add_training_args, argument_parser, check_size_args,
-                    check_training_memory, configure_optimizer, ensure_file, init_model, load_tokenizer,
-                    number, pick_device, precision, run, start_run, step_items, train, train_layout)
+from cli import add_model_args, argument_parser, check_size_args, number
 from corpus import WORKERS, load_tokens
+from devices import check_training_memory, pick_device, precision
+from errors import UserError, run
+from fetch import ensure_file
 from gpt2 import GPT, GPTConfig, load_weights
+from loading import init_model, load_tokenizer, train_layout
+from trainer import add_training_args, configure_optimizer, start_run, step_items, train
 
 DEFAULT_DATA = "data/the-verdict.txt"
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"

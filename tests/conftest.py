@@ -36,7 +36,7 @@ def run_script(name, *args, cwd=ROOT, env=None, timeout=300, launcher=(sys.execu
 def run_main(monkeypatch, capsys):
     """run_main(script, *args): the script's main() in this process, as `python script args` runs it
     but without starting a new interpreter -> a CompletedProcess, as run_script gives."""
-    import common
+    import errors
 
     def run(script, *args):
         module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
@@ -44,12 +44,12 @@ def run_main(monkeypatch, capsys):
         capsys.readouterr()
         handler = signal.getsignal(signal.SIGTERM)
         try:
-            common.run(module.main)
+            errors.run(module.main)
             code = 0
         except SystemExit as e:
             code = e.code
         finally:
-            signal.signal(signal.SIGTERM, handler)  # (common.run makes SIGTERM a Ctrl-C)
+            signal.signal(signal.SIGTERM, handler)  # (errors.run makes SIGTERM a Ctrl-C)
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess([script, *args], code, out, err)
     return run

@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
-from common import UserError
+import devices
+import files
+import loading
+import trainer
+from errors import UserError
 from tests.conftest import (INSTRUCT_TINY, OPENAI_124M, SAMPLE_PROMPT, SPAM_DATA, SPAM_TINY, TINY, free_port,
-                            hf_twin, one_line_error, run_script, snapshot, tiny_model, train_args, train_load,
-                            train_run, train_verdict, write_openai_checkpoint)
+                            hf_twin, one_line_error, run_script, snapshot, tiny_model, train_args,
+                            train_load, train_run, train_verdict, write_openai_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +134,12 @@ def test_bad_out_dir_is_one_line_before_any_work(trained, tmp_path, monkeypatch)
                         lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                         if ".write-test-" in str(path) else real_open(path, *a, **k))
     with pytest.raises(UserError, match="cannot write to .*read-only \\(Permission denied\\)"):
-        common.check_out_files([str(tmp_path / "read-only" / "ckpt.pt")], overwrite=False)
+        files.check_out_files([str(tmp_path / "read-only" / "ckpt.pt")], overwrite=False)
     # a half-written checkpoint left by a kill -9 is cleared on the next start
     monkeypatch.undo()
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "ckpt.pt.4242.tmp").write_bytes(b"half")  # process 4242's, named by common.replaced
-    common.check_out_files([str(tmp_path / "o" / "ckpt.pt")], overwrite=False)
+    (tmp_path / "o" / "ckpt.pt.4242.tmp").write_bytes(b"half")  # process 4242's, named by files.replaced
+    files.check_out_files([str(tmp_path / "o" / "ckpt.pt")], overwrite=False)
     assert not (tmp_path / "o" / "ckpt.pt.4242.tmp").exists()
 
 
@@ -210,7 +213,7 @@ def test_bad_flags_are_found_before_the_first_write(tmp_path, run_main):
 
 def test_bad_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, run_main, monkeypatch):
     torch.save(tiny_model(vocab_size=50257).checkpoint(), tmp_path / "tiny.pt")
-    free = common.free_memory("cpu")
+    free = devices.free_memory("cpu")
     assert 2**28 < free < 2**50  # this machine's MemAvailable, read
     for n in (1_000_000, 100_000_000):  # 0.8 MB a sample: far more than any machine here holds
         line = one_line_error(run_main("sample.py", "--model", tmp_path / "tiny.pt", "--num-samples", n))
@@ -226,7 +229,7 @@ def test_bad_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, run_m
     (split / "train-seed123.tsv").write_text("ham\tan earlier split\n", encoding="utf-8")
     before = snapshot(tmp_path)
     # the model fits (13 MB), its steps not (22 MB)
-    monkeypatch.setattr(common, "free_memory", lambda device: 2**24)
+    monkeypatch.setattr(devices, "free_memory", lambda device: 2**24)
     line = one_line_error(run_main("finetune_spam.py", *SPAM_TINY, "--batch-size", 32, "--data", SPAM_DATA,
                                    "--split-dir", split, "--out-dir", tmp_path / "s"))
     assert "training steps of" in line and "more than the 0.0 GiB free on cpu: lower --batch-size" in line
@@ -236,8 +239,8 @@ def test_bad_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, run_m
 def test_the_training_memory_bound_is_below_what_a_step_takes(monkeypatch):
     """check_training_memory refuses only what cannot fit: its bound is below what torch really allocates
     for a step (counted by torch's profiler of the CPU allocator), so no run that fits is refused."""
-    model = common.train_layout(tiny_model(vocab_size=50257, n_ctx=64)).train()
-    optimizer = common.configure_optimizer(model, 1e-3, 0.1)
+    model = loading.train_layout(tiny_model(vocab_size=50257, n_ctx=64)).train()
+    optimizer = trainer.configure_optimizer(model, 1e-3, 0.1)
     x = torch.randint(0, 50257, (4, 64))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
@@ -251,6 +254,6 @@ def test_the_training_memory_bound_is_below_what_a_step_takes(monkeypatch):
     trainable = sum(p.numel() for p in model.parameters())
     bound = 12 * trainable + x.numel() * (8 * 50257 + 16 * 2 * 32 * 4)
     seen = []
-    monkeypatch.setattr(common, "check_memory", lambda need, *a: seen.append(need))
-    common.check_training_memory(model, x.numel(), "float32", "cpu")
+    monkeypatch.setattr(devices, "check_memory", lambda need, *a: seen.append(need))
+    devices.check_training_memory(model, x.numel(), "float32", "cpu")
     assert seen == [bound] and bound < peak

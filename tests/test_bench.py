@@ -8,7 +8,8 @@ import torch
 from torch.nn import functional as F
 
 import bench
-from common import native_bf16, save_atomic
+from devices import native_bf16
+from files import save_atomic
 from gpt2 import GPT, GPTConfig
 from tests.conftest import DATA, TINY, hf_twin, run_script, tiny_model
 

@@ -1,4 +1,4 @@
-"""common.py: what the scripts share."""
+"""What the scripts share: flags, devices and precision, plots, the optimizer, batches and one-line errors."""
 
 import platform
 import re
@@ -6,9 +6,12 @@ import re
 import pytest
 import torch
 
-import common
-from common import openai_tokenizer
+import devices
+import errors
+import plots
+import trainer
 from gpt2 import Tokenizer
+from loading import openai_tokenizer
 from tests.conftest import DATA, OPENAI_124M, run_script, tiny_model, train_args, train_load, train_verdict
 
 
@@ -30,8 +33,8 @@ def test_tokenizer_from_openai_files_equals_tiktoken():
 def test_plot_of_single_points_is_not_blank(tmp_path):
     import matplotlib.image
 
-    empty = common.plot_curves(str(tmp_path / "empty.png"), "epoch", {"loss": {"train": ([], [])}})
-    one = common.plot_curves(str(tmp_path / "one.png"), "epoch",
+    empty = plots.plot_curves(str(tmp_path / "empty.png"), "epoch", {"loss": {"train": ([], [])}})
+    one = plots.plot_curves(str(tmp_path / "one.png"), "epoch",
                              {"loss": {"train": ([1], [0.5]), "val": ([1], [0.7])}})
     a, b = matplotlib.image.imread(empty), matplotlib.image.imread(one)
     assert a.shape == b.shape and (a != b).any(axis=-1).sum() > 20  # the two markers are drawn
@@ -43,15 +46,15 @@ def test_plot_of_single_points_is_not_blank(tmp_path):
 
 
 def test_bfloat16_only_where_the_device_computes_it(monkeypatch):
-    monkeypatch.setattr(common, "native_bf16", lambda device_type: True)
-    autocast, scaler = common.precision("bfloat16", "cpu")
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type: True)
+    autocast, scaler = devices.precision("bfloat16", "cpu")
     assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16 and scaler is None
-    monkeypatch.setattr(common, "native_bf16", lambda device_type: False)
-    with pytest.raises(common.UserError,
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type: False)
+    with pytest.raises(errors.UserError,
                        match="this CPU does not compute bfloat16 natively .* use --dtype float32"):
-        common.precision("bfloat16", "cpu")
-    with pytest.raises(common.UserError, match="--dtype float16 is for GPUs"):
-        common.precision("float16", "cpu")
+        devices.precision("bfloat16", "cpu")
+    with pytest.raises(errors.UserError, match="--dtype float16 is for GPUs"):
+        devices.precision("float16", "cpu")
 
 
 def test_native_bfloat16_is_the_cpu_flag():
@@ -59,16 +62,16 @@ def test_native_bfloat16_is_the_cpu_flag():
     x86)."""
     flags = open("/proc/cpuinfo").read().split()
     if platform.machine() == "x86_64":
-        assert common.native_bf16("cpu") == ("amx_bf16" in flags or "avx512_bf16" in flags)
+        assert devices.native_bf16("cpu") == ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
 def test_float32_says_once_when_bfloat16_would_be_faster(tmp_path, monkeypatch, run_main):
-    monkeypatch.setattr(common, "native_bf16", lambda device_type: True)
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type: True)
     r = run_main("train.py", *train_args(train_verdict(tmp_path), tmp_path / "o", "--max-iters", 1))
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
     assert notes == ["note: this CPU computes bfloat16 natively: --dtype bfloat16 makes training steps "
-                     f"about {common.BF16_SPEEDUP} faster (bench.py)"] and r.stdout.startswith("note:")
+                     f"about {devices.BF16_SPEEDUP} faster (bench.py)"] and r.stdout.startswith("note:")
     r = run_main("train.py", *train_args(tmp_path / "the-verdict.txt", tmp_path / "b", "--max-iters", 1,
                                          "--dtype", "bfloat16"))
     assert r.returncode == 0 and "note:" not in r.stdout, r.stderr
@@ -77,7 +80,7 @@ def test_float32_says_once_when_bfloat16_would_be_faster(tmp_path, monkeypatch, 
 def test_bfloat16_training_learns_and_keeps_float32_weights(tmp_path, monkeypatch, run_main):
     """A bfloat16 run (the autocast works on any CPU, only slower without native support): the weights,
     AdamW's state and the checkpoints stay float32, the loss falls as in float32, and the run is recorded."""
-    monkeypatch.setattr(common, "native_bf16", lambda device_type: True)
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type: True)
     data = train_verdict(tmp_path)
     args = ["--max-iters", 30, "--batch-size", 4, "--lr", "3e-3", "--eval-interval", 30, "--dropout", 0]
     for dtype in ("float32", "bfloat16"):
@@ -94,24 +97,24 @@ def test_bfloat16_training_learns_and_keeps_float32_weights(tmp_path, monkeypatc
 
 def test_adamw_is_fused_where_torch_has_it():
     model = tiny_model()
-    optimizer = common.configure_optimizer(model, 1e-3, 0.1)
+    optimizer = trainer.configure_optimizer(model, 1e-3, 0.1)
     assert optimizer.defaults["fused"] is True
     decayed, plain = optimizer.param_groups  # matrices decay; biases and layer norms do not
     assert all(p.dim() == 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
-    assert not common.configure_optimizer(model, 1e-3, 0.1, fused=False).defaults["fused"]
+    assert not trainer.configure_optimizer(model, 1e-3, 0.1, fused=False).defaults["fused"]
 
 
 def test_each_epoch_trains_on_every_item_once_in_its_own_order():
     n, batch = 23, 4  # 5 steps an epoch: 3 of the 23 items wait for another epoch
-    epochs = [[i for step in range(e * 5, e * 5 + 5) for i in common.step_items(n, step, batch, seed=9)]
+    epochs = [[i for step in range(e * 5, e * 5 + 5) for i in trainer.step_items(n, step, batch, seed=9)]
               for e in range(3)]
     for items in epochs:
         assert len(items) == len(set(items)) == 20 and set(items) <= set(range(n))
     assert epochs[0] != epochs[1] != epochs[2]
-    assert common.step_items(n, 7, batch, seed=9) == epochs[1][8:12]  # the same step gives the same items
-    assert common.step_items(n, 7, batch, seed=10) != epochs[1][8:12]
+    assert trainer.step_items(n, 7, batch, seed=9) == epochs[1][8:12]  # the same step gives the same items
+    assert trainer.step_items(n, 7, batch, seed=10) != epochs[1][8:12]
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +138,7 @@ def test_messages_from_anywhere_are_one_line(capsys):
         raise ValueError("<html>\n  <body>\n   <h1>502 Bad Gateway</h1>\n  </body>\n</html>\n" + "x" * 2000)
 
     with pytest.raises(SystemExit) as exit_:
-        common.run(main)
+        errors.run(main)
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.count("\n") == 1 \
            and err.startswith("error: <html> <body> <h1>502 Bad Gateway")

@@ -1,4 +1,4 @@
-"""Downloads: common.download and download_weights.py against a server on 127.0.0.1, and Hugging Face
+"""Downloads: fetch.download and download_weights.py against a server on 127.0.0.1, and Hugging Face
 GPT-2 folders in and out (download_weights.py --export-hf, the conversion of OpenAI's checkpoint)."""
 
 import json
@@ -14,19 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
 import download_weights
-from common import UserError, download, save_atomic
+import fetch
+from errors import UserError
+from fetch import download
+from files import save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
 from test_gpt2 import real_index
-from tests.conftest import (OPENAI_124M, ROOT, TINY, DATA, free_port, hf_twin, one_line_error, run_script,
+from tests.conftest import (DATA, OPENAI_124M, ROOT, TINY, free_port, hf_twin, one_line_error, run_script,
                             snapshot, tiny_model, write_openai_checkpoint)
 
-
-
-
 # -----------------------------------------------------------------------------
-# download_weights.py and common.download, against a server on 127.0.0.1
+# download_weights.py and fetch.download, against a server on 127.0.0.1
 
 
 class _DlHandler(BaseHTTPRequestHandler):
@@ -74,7 +73,7 @@ def dl_server(serve):
 
 @pytest.fixture
 def dl_no_wait(monkeypatch):
-    monkeypatch.setattr(common, "RETRY_WAIT", 0.0)
+    monkeypatch.setattr(fetch, "RETRY_WAIT", 0.0)
 
 
 def _dl_release(size):
@@ -177,13 +176,13 @@ def test_dl_whole_part_is_renamed_without_a_request(dl_server, tmp_path):
 def test_dl_ensure_file(dl_server, dl_no_wait, tmp_path):
     dl_server.files = {"/f": b"hello"}
     path = tmp_path / "sub" / "f"
-    assert common.ensure_file(str(path), dl_server.url + "/f") == str(path) and path.read_bytes() == b"hello"
+    assert fetch.ensure_file(str(path), dl_server.url + "/f") == str(path) and path.read_bytes() == b"hello"
     n = len(dl_server.requests)
-    common.ensure_file(str(path), dl_server.url + "/f")  # there already: no request
+    fetch.ensure_file(str(path), dl_server.url + "/f")  # there already: no request
     assert len(dl_server.requests) == n
     n = len(dl_server.requests)
     with pytest.raises(UserError, match="answered HTTP 404 Not Found: no such file there"):
-        common.ensure_file(str(tmp_path / "g"), dl_server.url + "/missing")  # 404: not a connection problem
+        fetch.ensure_file(str(tmp_path / "g"), dl_server.url + "/missing")  # 404: not a connection problem
     assert len(dl_server.requests) == n + 1  # asked once, not retried
     assert not list(tmp_path.glob("g*"))
 
@@ -288,7 +287,7 @@ def test_hf_converted_checkpoint_equals_the_tensorflow_one_and_loads_without_ten
     from_st = GPT.from_pretrained(str(folder))
     for name, p in from_tf.state_dict().items():
         assert torch.equal(from_st.state_dict()[name], p), name
-    code = ("import sys, common; m = common.load_model(sys.argv[1], reads_text=False); "
+    code = ("import sys, loading; m = loading.load_model(sys.argv[1], reads_text=False); "
             "print('tensorflow' in sys.modules, sum(p.double().sum().item() for p in m.parameters()))")
     r = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

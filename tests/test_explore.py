@@ -9,12 +9,11 @@ import torch
 from torch.nn import functional as F
 
 import explore
-from common import UserError, save_atomic
+from errors import UserError
+from files import save_atomic
 from gpt2 import Tokenizer
 from test_gpt2 import real_index
 from tests.conftest import OPENAI_124M, TINY, hf_twin, run_script, tiny_model
-
-
 
 
 def explore_png_ok(path):

@@ -6,14 +6,13 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 import torch
 
-from common import configure_optimizer, format_prompt
 from finetune_instruct import (IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, load_entries,
                                merge_lora, split)
 from gpt2 import GPT, GPTConfig, Tokenizer
+from instruction import format_prompt
 from tests.conftest import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, assert_bitwise_equal, free_port,
-                            one_line_error, run_script, reply, stop_then_resume, tiny_model)
-
-
+                            one_line_error, reply, run_script, stop_then_resume, tiny_model)
+from trainer import configure_optimizer
 
 
 def instruct_tiny_gpt(seed=0):

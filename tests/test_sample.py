@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from common import format_prompt, save_atomic
+from files import save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
+from instruction import format_prompt
 from tests.conftest import DATA, SAMPLE_PROMPT, run_script
-
 
 # -----------------------------------------------------------------------------
 # sample.py, on a tiny train.py-style checkpoint
@@ -103,7 +103,8 @@ def test_sample_instruction_stops_at_end_of_text(sample_ckpt, tmp_path, sample):
 def test_sample_tokenizer_of_an_openai_folder(sample_ckpt, tmp_path, monkeypatch):
     """A size name or folder reads the folder's encoder.json (offline); a .pt uses tiktoken's."""
     import tiktoken
-    from common import load_tokenizer as tokenizer_for
+
+    from loading import load_tokenizer as tokenizer_for
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "124M").symlink_to(DATA / "gpt2-124M")

@@ -1,20 +1,18 @@
 """finetune_spam.py: the real SMS Spam Collection."""
 
 import csv
-import os
 import json
 import math
+import os
 
 import pytest
 import torch
 
-import common
 import finetune_spam as fs
+import trainer
 from gpt2 import GPT, GPTConfig, Tokenizer
 from tests.conftest import (EOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script,
                             spam_sample, stop_then_resume)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +100,9 @@ def test_spam_freezes_all_but_the_last_blocks():
 
 def test_spam_learning_rate_schedule():
     constant = fs.parser().parse_args(["--lr", "1e-3"])
-    assert {common.learning_rate(step, 100, constant) for step in range(100)} == {1e-3}
+    assert {trainer.learning_rate(step, 100, constant) for step in range(100)} == {1e-3}
     cosine = fs.parser().parse_args(["--lr", "1e-3", "--min-lr", "1e-5", "--warmup-iters", "10"])
-    lrs = [common.learning_rate(step, 100, cosine) for step in range(100)]
+    lrs = [trainer.learning_rate(step, 100, cosine) for step in range(100)]
     # linear warmup, --lr at step 9
     assert lrs[:10] == pytest.approx([1e-4 * (step + 1) for step in range(10)])
     assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)  # then cosine down to --min-lr

@@ -13,8 +13,6 @@ from tests.conftest import (TRAIN_TINY, assert_bitwise_equal, free_port, run_scr
                             train_args, train_load, train_run, train_verdict)
 
 
-
-
 def test_train_tiny_learns_and_reports_true_losses(tmp_path):
     data, out = train_verdict(tmp_path), tmp_path / "out"
     r = train_run(data, out, "--max-iters", "40", "--batch-size", "4", "--lr", "3e-3",

@@ -24,7 +24,9 @@ import tempfile
 import threading
 import time
 
-from common import argument_parser, load_tokenizer, number, run
+from cli import argument_parser, number
+from errors import run
+from loading import load_tokenizer
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 TARGET_TOKENS = 10e9  # the corpus size the figures are extrapolated to

@@ -22,8 +22,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from common import argument_parser, load_model, load_tokenizer, number, run
+from cli import argument_parser, number
+from errors import run
 from gpt2 import GPT, GPTConfig
+from loading import load_model, load_tokenizer
 
 
 def quantized(model):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from common import argument_parser, number, run
+from cli import argument_parser, number
+from errors import run
 
 TRAIN = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py")]
 TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length", "32", "--batch-size", "2",

@@ -1,0 +1,69 @@
+"""Files written whole: to a temporary name first, renamed when complete; earlier runs' files kept."""
+
+import contextlib
+import json
+import os
+from glob import escape, glob
+
+import torch
+
+from errors import UserError
+
+
+@contextlib.contextmanager
+def replaced(path):
+    """Yields a temporary name beside path; once the block has written it whole, it becomes path. An error
+    or a kill midway leaves path as it was (and the next check_out_files clears the temporary file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_atomic(obj, path):
+    with replaced(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_json(obj, path):
+    with replaced(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def check_out_files(paths, overwrite, resume_hint=""):
+    """Before any work: refuse to replace an earlier run's files unless --overwrite, make sure
+    their folder can be written, and clear temporary files a killed run left behind."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} is from an earlier run and would be replaced: {resume_hint}pass "
+                        "--overwrite to start over, or another output path")
+    for folder in sorted({os.path.dirname(p) or "." for p in paths}):
+        created = not os.path.isdir(folder)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write-test-{os.getpid()}.tmp")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to {folder} ({e.strerror}): choose another output path") from None
+        if created:
+            os.rmdir(folder)  # made again with the first file saved: a failed run leaves no empty folder
+    for stale in (s for p in paths for s in glob(escape(p) + ".*.tmp")):
+        os.remove(stale)  # half a file from a run that was killed while saving
+
+
+def read_checkpoint(path, what, missing, needs=("config", "model"), mmap=False):
+    """A .pt the scripts wrote -> its dict (weights only: never runs code); else one line saying so.
+    mmap: read each tensor from the file only when used (for a look at a few of its values)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: {missing}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        assert isinstance(ckpt, dict) and set(needs) <= set(ckpt)
+    except Exception:
+        raise UserError(f"{path} is not {what} of this project") from None
+    return ckpt
