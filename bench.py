@@ -29,10 +29,9 @@ from tqdm import tqdm
 from cli import add_device_arg, argument_parser
 from devices import DTYPES, native_bf16, pick_device
 from download_weights import write_hf
-from errors import run
+from errors import UserError, run
 from files import save_atomic
 from gpt2 import GPT, GPTConfig, load_weights
-from loading import train_layout
 from trainer import configure_optimizer, keep_freed_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,6 +47,15 @@ TRAINING = {  # the training rows: setting -> (number format, fused AdamW)
 # -----------------------------------------------------------------------------
 # The two models, with the same weights.
 
+
+
+def in_out_layout(model):
+    """The four block matrices stored (in, out), as OpenAI's and Hugging Face's files hold them, and read by
+    nn.Linear through .t(): the other layout, measured beside the (out, in) one models load in."""
+    for name, p in model.named_parameters():
+        if name.endswith(GPT.CONV1D):
+            p.data = p.data.t().contiguous().t()
+    return model
 
 def make_models(n_layer, n_head, n_embd, seed):
     """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel). Ours is
@@ -374,9 +382,9 @@ def main():
     if args.runs:
         return whole_runs(args)
     if args.n_embd % args.n_head:
-        raise ValueError(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
+        raise UserError(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     if max(args.seq_len + 1, args.prompt_len + args.new_tokens, args.prefill) > GPTConfig.n_ctx:
-        raise ValueError(f"sequences must fit GPT-2's context of {GPTConfig.n_ctx} tokens")
+        raise UserError(f"sequences must fit GPT-2's context of {GPTConfig.n_ctx} tokens")
     dev, autocast = args.device, autocast_for(args.device)
     rows = []  # (what, ours, theirs, ratio ours/theirs or None)
 
@@ -427,7 +435,7 @@ def main():
             if dtype == "bfloat16" and not native_bf16(dev):
                 row(f"training step, {setting}", "no native bfloat16 on this device")
                 continue
-            models = {"ours": train_layout(copy.deepcopy(ours)).train(),
+            models = {"ours": copy.deepcopy(ours).train(),
                       "theirs": copy.deepcopy(theirs).train()}
             opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1, fused=fused)
                     for k, m in models.items()}
@@ -446,16 +454,14 @@ def main():
         for setting in list(speed)[1:]:
             a, b = speed[setting]["ours"] / first["ours"], speed[setting]["theirs"] / first["theirs"]
             row(f"training, {setting} over {next(iter(TRAINING))}, speed-up", f"{a:.2f}x", f"{b:.2f}x")
-        # the layout a loaded model has, (in, out) block matrices, against the training scripts'
-        # contiguous one
-        models = {"contiguous": train_layout(copy.deepcopy(ours)).train(),
-                  "loaded": copy.deepcopy(ours).train()}
+        # the layout a model has as loaded, (out, in) block matrices, against the files' (in, out) one
+        models = {"loaded": copy.deepcopy(ours).train(), "in_out": in_out_layout(copy.deepcopy(ours)).train()}
         opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for k, m in models.items()}
         nocast = torch.autocast(torch.device(dev).type, enabled=False)
         t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, nocast)) for k in models}, args,
                   "layouts")
-        row("training, float32: contiguous weights (train_layout) over the loaded (in, out) ones, speed-up",
-            f"{t['loaded'] / t['contiguous']:.2f}x")
+        row("training, float32: block matrices (out, in), as loaded, over (in, out), speed-up",
+            f"{t['in_out'] / t['loaded']:.2f}x")
         del models, opts
 
     # 2. Generation, batch 1.
@@ -468,13 +474,13 @@ def main():
     a, b = n / greedy[ours], n / greedy[theirs]
     row(f"generation, greedy, {args.prompt_len} + {n} tokens, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
     row("generation, greedy, share of the bandwidth bound", f"{a / bound:.0%}", f"{b / bound:.0%}", a / b)
-    # the four block matrices (out, in), as nn.Linear makes them
-    contiguous = train_layout(copy.deepcopy(ours))
-    t = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, contiguous)}, args,
+    # the four block matrices (in, out), as the files store them
+    in_out = in_out_layout(copy.deepcopy(ours))
+    t = timed({m: (lambda m=m: generate(m, idx, n, None, autocast)) for m in (ours, in_out)}, args,
               "layouts")
-    row("generation, greedy: ours as loaded (block matrices (in, out)) over them (out, in), speed-up",
-        f"{t[contiguous] / t[ours]:.2f}x")
-    del contiguous
+    row("generation, greedy: ours as loaded (block matrices (out, in)) over them (in, out), speed-up",
+        f"{t[in_out] / t[ours]:.2f}x")
+    del in_out
     row(f"generation, top-k {args.top_k}, tokens/s", f"{n / topk[ours]:.1f}", f"{n / topk[theirs]:.1f}",
         topk[theirs] / topk[ours])
     if args.generation_only:

@@ -1,5 +1,5 @@
-"""The flags every script shares, each checked before any work: a mistyped or out-of-range flag is one
-line and exit code 2."""
+"""The command line: the flags every script shares, each checked before any work (a mistyped or out-of-range
+flag is one line and exit code 2), and progress bars."""
 
 import argparse
 import math
@@ -87,3 +87,10 @@ def check_size_args(args):
                        n_ctx=args.context_length or GPTConfig.n_ctx)
     check_memory(4 * parameter_count(config), "cpu", "the new model's weights",
                  "--n-layer, --n-embd or --context-length")
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm's bar on a terminal; none where stderr goes to a file, which would get a line per update."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, **{**kwargs, "disable": kwargs.get("disable") or not sys.stderr.isatty()})

@@ -1,17 +1,19 @@
-"""Where the tests find the real data they read: the folder GPT2_DATA names (default ../shared/data,
-beside the project). Where that folder lacks a file, the tests fetch the same public files once into a
-cache (GPT2_DATA_CACHE, default ~/.cache/gpt2-tests) with the project's own download code, then read
-them there; offline and without them, pytest stops with one line that says what is needed. This runs
-when pytest loads this file, before the tests' own conftest.py and any test module read GPT2_DATA.
+"""Where the tests find the real data they read, in this order: the folder GPT2_DATA names (default
+../shared/data, beside the project) when it holds every file; else the files of it there are, those the
+project's own data/ holds (where the scripts download them) and OpenAI's small 124M files in models/124M/
+(download_weights.py's), gathered in a cache folder (GPT2_DATA_CACHE, default ~/.cache/gpt2-tests); what is
+still missing is fetched into the cache once, with the project's own download code, when pytest starts.
+Offline and without them, pytest stops with one line that names every missing file.
 GPT2_DATA_MIRROR, if set, replaces https:// in every address (a local mirror, or the tests' own server)."""
 
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent
 OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2"
@@ -33,6 +35,23 @@ TIKTOKEN_FILES = {name: f"{OPENAI}/encodings/main/{name}" for name in ("encoder.
 
 def missing(folder):
     return [name for name in DATA_FILES if not (folder / name).is_file()]
+
+
+def in_the_project(name):
+    """Where the project's own scripts put a data file: data/<name>, OpenAI's in models/124M/."""
+    if name.startswith("gpt2-124M/"):
+        return ROOT / "models" / "124M" / name.split("/")[1]
+    return ROOT / "data" / name
+
+
+def gather(cache, sources):
+    """Link into cache each file it lacks that a folder of sources holds (as the project lays it out, or
+    as the data folder does)."""
+    for name in missing(cache):
+        found = [p for p in (*(folder / name for folder in sources), in_the_project(name)) if p.is_file()]
+        if found:
+            os.makedirs((cache / name).parent, exist_ok=True)
+            os.symlink(found[0].resolve(), cache / name)
 
 
 def fetch_data(folder, mirror=None):
@@ -62,24 +81,31 @@ def fetch_data(folder, mirror=None):
                 shutil.copyfile(folder / "gpt2-124M" / name, tmp)
 
 
-def use_real_data():
-    """Point GPT2_DATA (and tiktoken's cache) at a folder that holds every file, fetching them if need be:
-    before any test module or the tests' own conftest.py is imported."""
+def find_data():
+    """The folder the tests read, as the module's docstring says (without fetching yet)."""
     folder = Path(os.environ.get("GPT2_DATA", ROOT.parent / "shared" / "data")).resolve()
-    if missing(folder):
-        cache = Path(os.environ.get("GPT2_DATA_CACHE", Path.home() / ".cache" / "gpt2-tests")).resolve()
-        try:
-            fetch_data(cache, os.environ.get("GPT2_DATA_MIRROR"))
-        except Exception as e:
-            sys.exit(f"error: the tests read real data that {folder} lacks "
-                     f"({', '.join(missing(folder)[:3])}, ...) and fetching it into {cache} failed "
-                     f"({' '.join(str(e).split())[:200]}): connect to the internet once, or set GPT2_DATA to "
-                     "a folder that holds it")
-        folder = cache
-    os.environ["GPT2_DATA"] = str(folder)
-    # tiktoken's gpt2 files, offline
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(folder / "tiktoken-cache"))
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(Path(os.environ["TIKTOKEN_CACHE_DIR"]).resolve())
+    if not missing(folder):
+        return folder
+    cache = Path(os.environ.get("GPT2_DATA_CACHE", Path.home() / ".cache" / "gpt2-tests")).resolve()
+    gather(cache, [folder])
+    return cache
 
 
-use_real_data()
+DATA = find_data()
+os.environ["GPT2_DATA"] = str(DATA)  # before any test module or tests/helpers.py reads it
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(DATA / "tiktoken-cache"))  # tiktoken's gpt2 files, offline
+
+
+def pytest_configure(config):
+    """Fetch what no folder holds, once, before the first test (in the main process, not in xdist's
+    workers)."""
+    if hasattr(config, "workerinput") or (not missing(DATA) and (DATA / "tiktoken-cache").is_dir()):
+        return
+    lacking = missing(DATA)
+    try:
+        fetch_data(DATA, os.environ.get("GPT2_DATA_MIRROR"))
+    except Exception as e:
+        pytest.exit(f"error: the tests read real data that no folder here holds ({', '.join(lacking)}) and "
+                    f"fetching it into {DATA} failed ({' '.join(str(e).split())}): connect to the internet "
+                    "once, put the files in data/ (OpenAI's in models/124M/: python download_weights.py), "
+                    "or set GPT2_DATA to a folder that holds them", returncode=1)

@@ -27,17 +27,10 @@ from collections import deque
 from glob import glob
 
 import numpy as np
-from tqdm import tqdm
 
+from cli import progress_bar
 from errors import UserError
 from files import write_json
-
-try:
-    import fcntl  # the lock, on Linux and macOS
-except ImportError:  # Windows
-    import msvcrt
-
-    fcntl = None
 
 CHUNK_CHARS = 1 << 20  # characters read and encoded at a time: preparation holds a few pieces per worker
 WORKERS = os.cpu_count() or 1  # processes that tokenize
@@ -158,26 +151,28 @@ def shard_path(cache, i):
 
 @contextlib.contextmanager
 def cache_lock(cache, exclusive):
-    """Hold <cache>.lock: shared while a process reads the manifest and maps the shards, exclusive while
-    one prepares them. The system releases it when the process ends, however it ends."""
+    """Hold <cache>.lock (filelock's) while a process reads the manifest and maps the shards, or prepares
+    them: one process at a time, the others wait. The system releases it when the process ends, however it
+    ends."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(cache + ".lock")
     try:
-        f = open(cache + ".lock", "a+")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another process to finish preparing {cache}", file=sys.stderr)
+            lock.acquire()
     except OSError as e:
         if exclusive:
             raise UserError(f"cannot write the token cache {cache} ({e.strerror}): put --data in a folder "
                             "you can write") from None
         yield  # a cache in a folder that cannot be written cannot be prepared either: nothing to wait for
         return
-    with f:
-        if fcntl:
-            try:
-                fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"waiting for another process to finish preparing {cache}", file=sys.stderr)
-                fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        else:
-            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # (exclusive only: readers wait for each other too)
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def read_manifest(cache):
@@ -283,7 +278,7 @@ def prepare(files, sources, cache, old, keep, tokenizer, workers):
     t0, total = time.time(), sum(f["bytes"] for f in sources["files"][keep:])
     # no more than there are pieces: one file of 20 kB needs none
     workers = min(workers, 1 + total // CHUNK_CHARS)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", delay=1) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="tokenizing", delay=1) as bar:
         for (n, last), (ids, size) in encode_in_order(tokenizer, read_pieces(files[keep:]), workers):
             writer.write(ids)
             counts[keep + n] += len(ids)

@@ -17,7 +17,7 @@ import os
 import shutil
 
 from cli import add_overwrite_arg, argument_parser
-from errors import run
+from errors import UserError, run
 from fetch import download
 from files import check_out_files, replaced, write_json
 from gpt2 import GPT, HF_CONFIG, MODELS_DIR, GPTConfig, size_name
@@ -113,7 +113,10 @@ def main():
         print(f"{out}: a Hugging Face GPT-2 folder; "
               f"transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")
         return
-    size = size_name(args.model)
+    try:
+        size = size_name(args.model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     folder = os.path.join(args.models_dir, size)
     sizes = {**SAME_FOR_ALL, **PUBLISHED[size]}
     fetched = False  # new TensorFlow files: any conversion there is of older ones

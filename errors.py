@@ -1,8 +1,11 @@
-"""Bad input a user can fix, and how a script ends: one line for it, a traceback for our own bugs."""
+"""How a script ends: bad input a user can fix is one line and exit code 1, Ctrl-C or SIGTERM exit code 130,
+and anything else is a bug of ours: its traceback, and one line saying so."""
 
+import errno
 import os
 import signal
 import sys
+import traceback
 
 import torch
 
@@ -12,24 +15,50 @@ class UserError(Exception):
 
 
 def out_of_memory(e):
-    return (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
             or "not enough memory" in str(e))
 
 
+def os_error_line(e):
+    """A file that cannot be read or written, as one line that says what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"{where}the disk is full: free some space (or choose another folder) and run again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{e.strerror}: choose a folder you can write to, or change its permissions"
+    return f"{where}{e.strerror or e}"
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # a kill is a Ctrl-C: the same clean stop, however the process was started
+
+
 def run(main):
-    """Run a script's main(): bad input, a missing or unwritable file, memory that runs out end it with one
-    line on stderr and exit code 1; Ctrl-C or SIGTERM with exit code 130. GPT2_DEBUG=1 shows the traceback."""
-    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))  # a kill is a Ctrl-C: the same clean stop
+    """Run a script's main() and end it as the module's docstring says. GPT2_DEBUG=1 shows every traceback."""
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         main()
-    except (UserError, ValueError, OSError, RuntimeError) as e:  # OSError: missing files, full disks, ...
+    except (UserError, OSError, MemoryError, RuntimeError) as e:
         if os.environ.get("GPT2_DEBUG") or isinstance(e, RuntimeError) and not out_of_memory(e):
-            raise
-        hint = "; use a smaller --batch-size, --context-length or model" if out_of_memory(e) else ""
-        print(f"error: {' '.join(str(e).split())[:500]}{hint}", file=sys.stderr)  # one line, whatever e holds
+            bug(e)
+        if out_of_memory(e):
+            line = (f"out of memory ({' '.join(str(e).split())}): use a smaller --batch-size, "
+                    "--context-length or model")
+        else:
+            line = os_error_line(e) if isinstance(e, OSError) else " ".join(str(e).split())
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         if os.environ.get("GPT2_DEBUG"):
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        bug(e)
+
+
+def bug(e):
+    traceback.print_exception(e)
+    print(f"error: {type(e).__name__} above is a bug in this project, not in what you gave it: please report "
+          "it with the traceback", file=sys.stderr)
+    sys.exit(1)

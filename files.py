@@ -1,5 +1,6 @@
 """Files written whole: to a temporary name first, renamed when complete; earlier runs' files kept."""
 
+import atexit
 import contextlib
 import json
 import os
@@ -67,3 +68,45 @@ def read_checkpoint(path, what, missing, needs=("config", "model"), mmap=False):
     except Exception:
         raise UserError(f"{path} is not {what} of this project") from None
     return ckpt
+
+
+LOCKS, LOCKED = [], []  # held until the process ends (the kernel lets go even after a kill -9); their folders
+
+
+def lock_out_dir(folder):
+    """One run at a time writes into folder: a second one gets a line naming the first's process, and
+    touches none of its files. Under torchrun the first process holds it for all."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from filelock import FileLock, Timeout
+
+    lock, owner = FileLock(os.path.join(folder, ".lock")), os.path.join(folder, ".lock.pid")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            with open(owner) as f:
+                pid = f"process {int(f.read())}"
+        except (OSError, ValueError):
+            pid = "another process"
+        raise UserError(f"{folder} is in use by a run that has not ended ({pid}): wait for it, or choose "
+                        "another --out-dir") from None
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror}): choose another output path") from None
+    with open(owner, "w") as f:
+        f.write(str(os.getpid()))
+    LOCKS.append(lock)
+    LOCKED.append(folder)
+    atexit.register(remove_if_unused, folder)
+
+
+def remove_if_unused(folder):
+    """A run that ended before writing anything leaves no folder behind (only its lock was there)."""
+    try:
+        if set(os.listdir(folder)) <= {".lock", ".lock.pid"}:
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
+            os.rmdir(folder)
+    except OSError:
+        pass

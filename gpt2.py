@@ -381,8 +381,8 @@ def read_pt(path):
 
 def load_weights(model, state, source):
     """Check state {name: tensor} against model (each weight there, shaped alike; a tied head may be left
-    out), then make it model's weights: float32, CONV1D's in the (in, out) bytes OpenAI and Hugging Face
-    store, read by nn.Linear through .t(), whatever the file (no copy at load, no slower to generate)."""
+    out), then make it model's weights: float32, every one contiguous as nn.Linear makes it, whatever the
+    file's layout (so a loaded model trains and generates as fast as a new one: docs/bench.md)."""
     wanted = {k: p.shape for k, p in model.named_parameters()}  # a tied head is wte, named once
     state = {k: t for k, t in state.items() if k in wanted or k != "lm_head.weight"}  # (a .pt has it twice)
     missing, extra = sorted(wanted.keys() - state.keys()), sorted(state.keys() - wanted.keys())
@@ -392,7 +392,7 @@ def load_weights(model, state, source):
         if t.shape != wanted[name] or not t.is_floating_point():
             raise ValueError(f"{name} in {source} holds {t.dtype} numbers of shape {list(t.shape)}, "
                              f"not weights of shape {list(wanted[name])}")
-        state[name] = t.float().t().contiguous().t() if name.endswith(GPT.CONV1D) else t.float()
+        state[name] = t.float().contiguous()
     model.load_state_dict(state, strict=False, assign=True)  # strict=False: the tied head, checked above
     if "lm_head.weight" not in wanted:
         model.lm_head.weight = model.transformer.wte.weight  # assign gave wte a new Parameter: tie them again

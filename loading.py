@@ -7,7 +7,6 @@ from dataclasses import asdict, replace
 from glob import glob
 
 import tiktoken
-import torch
 
 from errors import UserError
 from gpt2 import GPT, MODELS_DIR, GPTConfig, Tokenizer, load_weights, size_name
@@ -50,11 +49,11 @@ def load_model(spec, reads_text=True):
     try:
         with quiet_stderr():  # TensorFlow, reading OpenAI's files, logs its start-up: not for our users
             model = GPT.from_pretrained(spec)
-    except ValueError as e:
-        if "is a classifier" not in str(e):
-            raise
-        raise UserError(f"{e}: it tells spam from ham, with  python finetune_spam.py --classify TEXT "
-                        f"--out-dir {os.path.dirname(spec) or '.'}") from None
+    except ValueError as e:  # gpt2.py's word for a file that is not a model it reads
+        if "is a classifier" in str(e):
+            raise UserError(f"{e}: it tells spam from ham, with  python finetune_spam.py --classify TEXT "
+                            f"--out-dir {os.path.dirname(spec) or '.'}") from None
+        raise UserError(str(e)) from None
     if reads_text and model.config.vocab_size < GPTConfig.vocab_size:
         raise UserError(f"{spec} has a vocabulary of {model.config.vocab_size:,} tokens, fewer than GPT-2's "
                         f"{GPTConfig.vocab_size:,}: it was not trained on GPT-2's tokens")
@@ -145,13 +144,3 @@ def init_model(init_from, context_length=None, dropout=None, **size):
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: changes.get("n_ctx",
                                                                                     model.config.n_ctx)]
     return load_weights(GPT.empty(replace(model.config, **changes)), state, init_from)
-
-
-def train_layout(model):
-    """Every weight contiguous, as nn.Linear makes it: training computes the gradients (out, in), and a loaded
-    model's (in, out) matrices would cost a transposing copy at every step (bench.py's training rows)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.is_contiguous():
-            module.weight = torch.nn.Parameter(module.weight.detach().contiguous(),
-                                               module.weight.requires_grad)
-    return model

@@ -1,55 +1,18 @@
 """Tests of gpt2.py alone, against references nobody here wrote: tiktoken, Hugging Face transformers'
-GPT-2 and OpenAI's own checkpoint index. The file imports gpt2.py and those references only, so it can be
-copied with gpt2.py. The real files it reads are in the folder GPT2_DATA names (default ../shared/data,
-beside the project; the project's conftest.py fetches them where that is missing)."""
+GPT-2 and OpenAI's own checkpoint index. It imports gpt2.py, those references and the tests' helpers
+(tests/helpers.py) only. The real files it reads are where the project's conftest.py finds them."""
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, size_name
-
-ROOT = Path(__file__).resolve().parent  # the project
-# real data, kept outside the project
-DATA = Path(os.environ.get("GPT2_DATA", ROOT.parent / "shared" / "data"))
-OPENAI_124M = DATA / "gpt2-124M"  # the real index and hparams of OpenAI's 124M release, without the weights
-TINY = dict(vocab_size=96, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
-
-
-def hf_twin(model):
-    """transformers' GPT2LMHeadModel holding exactly `model`'s weights (its Conv1D layers keep them (in,
-    out))."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.pytorch_utils import Conv1D
-
-    c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    ))
-    conv1d = {f"{name}.weight" for name, module in hf.named_modules() if isinstance(module, Conv1D)}
-    state = {k: v.t() if k in conv1d else v for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, strict=False)  # strict=False: transformers keeps no copy of the tied lm_head
-    return hf.eval()
-
-
-def tiny_model(seed=0, **overrides):
-    """A small GPT with weights far from their initial scale, so that every part of the
-    model (each head, each mask entry) moves the logits enough to change greedy choices."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**TINY, **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
-
+from tests.helpers import OPENAI_124M, ROOT, TINY, hf_twin, real_index, tiny_model, write_openai_checkpoint
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -286,43 +249,6 @@ def test_same_seed_same_tokens():
 # OpenAI's TensorFlow checkpoints
 
 
-def real_index():
-    import tensorflow as tf
-
-    return {name: tuple(shape) for name, shape in tf.train.list_variables(str(OPENAI_124M / "model.ckpt"))}
-
-
-def write_openai_checkpoint(folder, hf, n_ctx, tweak=None):
-    """Write hf's weights as OpenAI did: TensorFlow variables named like the real index,
-    linear layers as (1, in, out) convolutions. Uses transformers' names, not ours."""
-    import tensorflow as tf
-
-    state = hf.state_dict()
-    n_layer = hf.config.n_layer
-    variables = {}
-    for name in real_index():  # model/h0/attn/c_attn/w, model/ln_f/g, ...
-        parts = name.split("/")[1:]
-        if parts[0].startswith("h") and int(parts[0][1:]) >= n_layer:
-            continue
-        if parts[0].startswith("h"):
-            parts[0] = f"h.{parts[0][1:]}"
-        leaf = {"w": "weight", "g": "weight", "b": "bias"}.get(parts[-1])
-        key = "transformer." + ".".join(parts[:-1] + [leaf] if leaf else parts + ["weight"])
-        array = state[key].numpy()
-        variables[name] = array[None] if parts[-1] == "w" else array  # Conv1D (in, out) -> (1, in, out)
-    if tweak:
-        tweak(variables)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(variables)
-    tf.raw_ops.SaveV2(prefix=str(folder / "model.ckpt"), tensor_names=names,
-                      shape_and_slices=[""] * len(names), tensors=[tf.constant(variables[n]) for n in names])
-    c = hf.config
-    hparams = {"n_vocab": c.vocab_size, "n_ctx": n_ctx, "n_embd": c.n_embd, "n_head": c.n_head,
-               "n_layer": n_layer}
-    (folder / "hparams.json").write_text(json.dumps(hparams))
-    return folder
-
-
 def test_expected_variables_equal_the_real_124M_index():
     with open(OPENAI_124M / "hparams.json") as f:
         hp = json.load(f)
@@ -358,8 +284,8 @@ def test_own_checkpoint_round_trip(tmp_path):
 
 def test_every_reader_gives_transformers_logits_and_one_layout(tmp_path):
     """The same weights as transformers' own folder, OpenAI's TensorFlow checkpoint and a .pt of ours:
-    each loads to transformers' logits and greedy tokens, and to the same memory layout (the four block
-    matrices keep (in, out) bytes, the head stays tied to wte), whatever the file."""
+    each loads to transformers' logits and greedy tokens, and to the same memory layout (float32,
+    every weight contiguous as nn.Linear makes it, the head tied to wte), whatever the file."""
     model = tiny_model(seed=14)
     hf = hf_twin(model)
     hf.save_pretrained(tmp_path / "hf")
@@ -380,7 +306,7 @@ def test_every_reader_gives_transformers_logits_and_one_layout(tmp_path):
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
         layouts.append({name: (p.dtype, p.shape, p.stride()) for name, p in loaded.named_parameters()})
         for name, p in loaded.named_parameters():
-            assert (p.t() if name.endswith(GPT.CONV1D) else p).is_contiguous(), (path, name)
+            assert p.is_contiguous(), (path, name)
     assert layouts[0] == layouts[1] == layouts[2]
 
 
@@ -396,7 +322,7 @@ def test_gpt2_py_copied_alone_imports_generates_and_reloads(tmp_path):
             "again = gpt2.GPT.from_pretrained('m.pt').generate(prompt, 5, temperature=0)\n"
             "print(out.shape[1], torch.equal(again, out), gpt2.__file__)\n"
             "print(sorted(n for n in sys.modules if n.split('.')[0] in\n"
-            "      {'cli', 'errors', 'loading', 'trainer', 'tensorflow', 'safetensors', 'transformers', 'train', 'sample'}))\n")
+            "      {'tensorflow', 'safetensors', 'transformers', 'trainer', 'loading', 'sample'}))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == [f"7 True {tmp_path / 'gpt2.py'}", "[]"]
@@ -456,7 +382,7 @@ def test_hf_transformers_folders_load_with_the_same_logits(tmp_path):
            and ours.config == GPTConfig(vocab_size=100, n_ctx=48, n_embd=64, n_head=4, n_layer=2)
     # the four block matrices keep the file's (in, out) bytes, seen through .t()
     for name, p in ours.named_parameters():
-        assert (p.t() if name.endswith(GPT.CONV1D) else p).is_contiguous(), name
+        assert p.is_contiguous(), name
     idx = torch.randint(0, 100, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)

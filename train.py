@@ -30,9 +30,9 @@ from corpus import WORKERS, load_tokens
 from devices import check_training_memory, pick_device, precision
 from errors import UserError, run
 from fetch import ensure_file
-from gpt2 import GPT, GPTConfig, load_weights
-from loading import init_model, load_tokenizer, train_layout
-from trainer import add_training_args, configure_optimizer, start_run, step_items, train
+from loading import load_tokenizer
+from trainer import Task, Trainer, add_training_args, build_model, check_batches, configure_optimizer, \
+    micro_batches, start_run
 
 DEFAULT_DATA = "data/the-verdict.txt"
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"
@@ -64,7 +64,7 @@ def parse_args():
     check_size_args(args)
     if args.eval_only or args.prepare_only:
         return args, None
-    return start_run(parser, args, args.out_dir, OUT_FILES, FIXED_ON_RESUME)
+    return start_run(parser, args, OUT_FILES, FIXED_ON_RESUME)
 
 
 # -----------------------------------------------------------------------------
@@ -125,15 +125,6 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def build_model(args, ckpt):
-    torch.manual_seed(args.seed)  # the initial weights
-    if ckpt:
-        config = GPTConfig(**{**ckpt["config"], "dropout": args.dropout})  # dropout may change on resume
-        return load_weights(GPT.empty(config), ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
-    return init_model(args.init_from, args.context_length, args.dropout,
-                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -141,11 +132,11 @@ def main():
     args, ckpt = parse_args()
     rank, world, device = setup_distributed(pick_device(args.device))
     master = rank == 0
-    amp = precision(args.dtype, device, note=master)
+    autocast = precision(args.dtype, device, note=master)
     tokenizer = load_tokenizer(args.init_from)
     # The model before the data: what it refuses (a longer --context-length than it has, ...) is said before
     # the data is downloaded or tokenized.
-    raw = None if args.prepare_only else train_layout(build_model(args, ckpt)).to(device).train()
+    raw = None if args.prepare_only else build_model(args, ckpt).to(device).train()
     if not master:
         dist.barrier()  # rank 0 downloads and tokenizes; the others then read its cache
     tokens = load_data(args.data, tokenizer, args.workers)
@@ -163,25 +154,21 @@ def main():
         if not starts:
             raise UserError(f"{args.data} has {len(tokens):,} tokens, fewer than one window of {L + 1}")
         model.eval()
-        with torch.no_grad(), amp[0]:
+        with torch.no_grad(), autocast:
             loss = mean_loss(model, tokens, starts, L, args.batch_size, device)
         if master:
             print(f"{args.data}: {len(starts)} windows of {L} tokens, loss {loss:.4f}, perplexity "
                   f"{math.exp(loss):.2f}")
         return
 
-    micro = args.batch_size // (world * args.grad_accum)  # windows per forward pass in each process
-    if micro * world * args.grad_accum != args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
-                        f"--grad-accum ({args.grad_accum})")
     n_train = int(TRAIN_FRACTION * len(tokens))
     train_starts, val_starts = window_starts(0, n_train, L), window_starts(n_train, len(tokens), L)
-    steps_per_epoch = len(train_starts) // args.batch_size
-    if not steps_per_epoch or not val_starts:
+    if not train_starts or not val_starts:
         raise UserError(f"{args.data} is too short: its {len(tokens):,} tokens give {len(train_starts)} "
-                        f"training and {len(val_starts)} validation windows of {L + 1} tokens, and one batch "
-                        f"of {args.batch_size} and one validation window are needed; use more text or a "
-                        "smaller --context-length or --batch-size")
+                        f"training and {len(val_starts)} validation windows of {L + 1} tokens, and at least "
+                        "one of each is needed; use more text or a smaller --context-length")
+    steps_per_epoch = check_batches(args, len(train_starts), "windows", world)
+    micro = args.batch_size // (world * args.grad_accum)  # windows per forward pass in each process
     n_eval = args.eval_batches * args.batch_size or None  # None: every window
     if master:
         print(f"{args.data}: {len(tokens):,} tokens, {len(train_starts)} training and {len(val_starts)} "
@@ -189,21 +176,17 @@ def main():
     check_training_memory(raw, micro * L, args.dtype, device)
     optimizer = configure_optimizer(raw, args.lr, args.weight_decay, betas=(0.9, args.beta2))
 
-    def micro_batches(step):  # this process's share of the step's windows, in --grad-accum parts
-        windows = [train_starts[j] for j in step_items(len(train_starts), step, args.batch_size, args.seed)]
-        mine = [windows[(m * world + rank) * micro:(m * world + rank + 1) * micro]
-                for m in range(args.grad_accum)]
-        return [get_batch(tokens, w, L, device) for w in mine]
+    def batches(step):  # this process's windows of the step
+        return micro_batches(train_starts, step, args, lambda s: get_batch(tokens, s, L, device), world, rank)
 
     def evaluate():
         return {split: mean_loss(model, tokens, starts[:n_eval], L, micro, device)
                 for split, starts in (("train", train_starts), ("val", val_starts))}
 
     ddp = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else model
-    progress = train(args, ddp, optimizer, amp, args.max_iters or args.epochs * steps_per_epoch,
-                     steps_per_epoch, micro_batches=micro_batches, loss_of=lambda m, batch: m(*batch)[1],
-                     evaluate=evaluate, best=raw.checkpoint, ckpt=ckpt, raw=raw, world=world, rank=rank,
-                     sample=lambda: continuation(raw, tokenizer, device))
+    task = Task(raw, batches, evaluate, best=raw.checkpoint, steps_per_epoch=steps_per_epoch, model=ddp,
+                sample=lambda: continuation(raw, tokenizer, device))
+    progress = Trainer(args, task, optimizer, ckpt, world, rank).fit()
     history = progress["history"]
     if master and not progress["stopped"]:
         print(f"done: {progress['step']} steps, {progress['tokens']:,} tokens; train loss "

@@ -1,5 +1,6 @@
-"""The training loop of train.py, finetune_spam.py and finetune_instruct.py: each gives its batches,
-its loss and its evaluation; the loop gives them the same flags, progress, Ctrl-C and --resume."""
+"""The training loop of train.py, finetune_spam.py and finetune_instruct.py, read top to bottom: each script
+gives a Task (its model, its batches, its loss, its evaluation) and the Trainer gives them the same flags,
+progress, checkpoints, Ctrl-C and --resume."""
 
 import argparse
 import contextlib
@@ -10,27 +11,38 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import add_device_arg, add_overwrite_arg, add_renamed, number
-from devices import DTYPES
+from cli import add_device_arg, add_overwrite_arg, add_renamed, number, progress_bar
+from devices import DTYPES, precision
 from errors import UserError
-from files import check_out_files, read_checkpoint, save_atomic
+from files import check_out_files, lock_out_dir, read_checkpoint, save_atomic
+from gpt2 import GPT, GPTConfig, load_weights
+from loading import init_model
 from plots import plot_curves
+
+SAVE_EVERY = 600  # seconds: ckpt.pt is saved at an evaluation that comes later than this after the last save
+# (and at the end, at Ctrl-C and at SIGTERM). 124M's ckpt.pt is 1.5 GB, 3.6 s to write on a laptop's disk:
+# saved at each of the book's run's evaluations it took a fifth of the run.
+
+# -----------------------------------------------------------------------------
+# Flags: the same names and meanings in every script that trains.
 
 
 def add_training_args(parser, **defaults):
-    """The flags every training script shares, with one name and one meaning; defaults: the script's own."""
+    """The flags every training script shares; defaults: the script's own."""
     add = parser.add_argument
     add("--out-dir", default="out",
         help="where ckpt.pt (everything --resume needs), the best model and loss.png go")
     add_overwrite_arg(parser, "--out-dir")
     add("--resume", action="store_true",
-        help="continue OUT_DIR/ckpt.pt with its settings: flags given now override them, except those that "
-        "fix the model, the data and the batches")
+        help="continue OUT_DIR/ckpt.pt to the --max-iters or --epochs given now, with its settings: flags "
+        "given now override them, except those that fix the model, the data and the batches")
     add("--max-iters", type=number(int, 0), default=0,
         help="optimizer steps; 0: --epochs passes over the data")
     add("--epochs", type=number(int, 1), default=1, help="passes over the training data")
@@ -57,30 +69,25 @@ def add_training_args(parser, **defaults):
     add("--dtype", choices=list(DTYPES), default="float32", help="number format of training and evaluation: "
         "bfloat16 where the CPU (AMX, AVX-512 BF16, Arm BF16) or GPU computes it; float16 on GPUs")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--seed", type=int, default=123, help="for the initial weights, the order of the data and dropout")
+    add("--seed", type=number(int, 0, 2**63 - 1), default=123,
+        help="for the initial weights, the order of the data and dropout")
     for old, new in (("--out", "--out-dir"), ("--max-steps", "--max-iters"),
                      ("--max-length", "--context-length")):
         add_renamed(parser, old, new)
     parser.set_defaults(**defaults)
 
 
-def resume_args(parser, ckpt, fixed):
-    """The checkpoint's settings, overridden by the flags given now, except fixed (the flags that fix
-    the model, the data and which examples each step trains on): those are an error if they differ."""
-    resumed = parser.parse_args(namespace=argparse.Namespace(**ckpt["args"]))  # fills in only what it lacks
-    changed = [k for k in fixed if getattr(resumed, k) != ckpt["args"].get(k)]
-    if changed:
-        flag = "--" + changed[0].replace("_", "-")
-        raise UserError(f"{flag} {getattr(resumed, changed[0])} differs from the checkpoint's "
-                        f"{ckpt['args'].get(changed[0])}, and it cannot change on --resume: drop {flag}, or "
-                        "start a new run in another --out-dir")
-    return resumed
+# -----------------------------------------------------------------------------
+# Starting: a new run in an out-dir of its own, or the one ckpt.pt left, with its settings.
 
 
-def start_run(parser, args, out_dir, out_files, fixed):
-    """Before any work: with --resume, out_dir/ckpt.pt and the settings it continues with; else out_dir
-    must not hold an earlier run's files (unless --overwrite) -> (args, the checkpoint or None)."""
-    paths = [os.path.join(out_dir, name) for name in ("ckpt.pt", *out_files)]
+def start_run(parser, args, out_files, fixed):
+    """Before any work: with --resume, OUT_DIR/ckpt.pt and the settings it continues with; else OUT_DIR must
+    not hold an earlier run's files (unless --overwrite). One run at a time per OUT_DIR. fixed: the flags
+    that cannot change on --resume (the model, the data, which examples each step trains on).
+    -> (args, the checkpoint or None)."""
+    paths = [os.path.join(args.out_dir, name) for name in ("ckpt.pt", *out_files)]
+    lock_out_dir(args.out_dir)  # first: the checks below clear a killed run's temporary files
     if not args.resume:
         check_out_files(paths, args.overwrite, "--resume continues it, ")
         return args, None
@@ -88,25 +95,67 @@ def start_run(parser, args, out_dir, out_files, fixed):
     ckpt = read_checkpoint(paths[0], "a checkpoint that --resume can continue",
                            "nothing to resume (drop --resume to start a new run)",
                            needs=("config", "model", "optimizer", "step", "tokens", "history", "args"))
-    return resume_args(parser, ckpt, fixed), ckpt
+    resumed = parser.parse_args(namespace=argparse.Namespace(**ckpt["args"]))  # fills in only what it lacks
+    changed = [k for k in fixed if getattr(resumed, k) != ckpt["args"].get(k)]
+    if changed:
+        flag = "--" + changed[0].replace("_", "-")
+        raise UserError(f"{flag} {getattr(resumed, changed[0])} differs from the checkpoint's "
+                        f"{ckpt['args'].get(changed[0])}, and it cannot change on --resume: drop {flag}, or "
+                        "start a new run in another --out-dir")
+    return resumed, ckpt
 
 
-SAVE_EVERY = 600  # seconds: ckpt.pt is saved at an evaluation that comes later than this after the last save
-# (and at the end, at Ctrl-C and at SIGTERM). 124M's ckpt.pt is 1.5 GB, 3.6 s to write on a laptop's disk:
-# saved at each of the book's run's evaluations it took a fifth of the run.
-
-
-def keep_freed_memory():
-    """glibc gives every large block back to the system when it is freed, so each training step page-faults
-    its big tensors (the 154 MB embedding gradient, the logits) in afresh: a fifth of a CPU step. Keep them:
-    large blocks come from the heap, which is never trimmed. (Linux with glibc; elsewhere nothing changes.)"""
+def build_model(args, ckpt, adapt=lambda model: model):
+    """The model to train: new from --init-from (sized by the flags), or as ckpt.pt left it. adapt(model)
+    adds what the script trains on top (a class head, LoRA), before ckpt.pt's weights go in."""
+    torch.manual_seed(args.seed)  # the initial weights
+    if not ckpt:
+        return adapt(init_model(args.init_from, args.context_length, args.dropout,
+                                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
+    dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout  # may change on resume
+    model = adapt(GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": dropout})))
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from malloc.h
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
+        return load_weights(model, ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
+    except ValueError as e:  # weights of another model
+        raise UserError(str(e)) from None
+
+
+# -----------------------------------------------------------------------------
+# Batches: every step draws its examples from a shuffle of its epoch, so a resumed run sees the same ones.
+
+
+def check_batches(args, n, what, world=1):
+    """--batch-size against the n training examples and the processes -> steps per epoch."""
+    if args.batch_size % (world * args.grad_accum) or args.batch_size > n:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
+                        f"--grad-accum ({args.grad_accum}) and at most the {n:,} training {what}")
+    return n // args.batch_size
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(n, seed):
+    """A shuffle of n items, drawn once per epoch: 8 bytes an item (80 MB for 10B tokens in windows of
+    1024)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def step_items(n, step, batch_size, seed):
+    """The batch_size items (of n) that optimizer step `step` trains on. Each epoch shuffles all n with a seed
+    of its own; an epoch's last partial batch is dropped, as the book's DataLoaders drop it."""
+    epoch, i = divmod(step, n // batch_size)
+    return epoch_order(n, seed + epoch)[i * batch_size:(i + 1) * batch_size].tolist()
+
+
+def micro_batches(examples, step, args, collate, world=1, rank=0):
+    """This process's share of the step's examples, in --grad-accum micro-batches, each made by collate."""
+    rows = [examples[j] for j in step_items(len(examples), step, args.batch_size, args.seed)]
+    size = args.batch_size // (world * args.grad_accum)  # examples per forward pass in each process
+    parts = ((m * world + rank) * size for m in range(args.grad_accum))
+    return [collate(rows[start:start + size]) for start in parts]
+
+
+# -----------------------------------------------------------------------------
+# The optimizer and its schedule.
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), fused=True):
@@ -132,193 +181,196 @@ def learning_rate(step, total, args):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
 
 
-@functools.lru_cache(maxsize=1)
-def epoch_order(n, seed):
-    """A shuffle of n items, drawn once per epoch: 8 bytes an item (80 MB for 10B tokens in windows of
-    1024)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+# -----------------------------------------------------------------------------
+# The loop.
 
 
-def step_items(n, step, batch_size, seed):
-    """The batch_size items (of n) that optimizer step `step` trains on. Each epoch shuffles all n with a seed
-    of its own, so a resumed run sees the same batches; an epoch's last partial batch is dropped, as the
-    book's DataLoaders drop it."""
-    epoch, i = divmod(step, n // batch_size)
-    return epoch_order(n, seed + epoch)[i * batch_size:(i + 1) * batch_size].tolist()
+def lm_loss(model, batch):  # (inputs, targets) -> the next-token loss
+    return model(*batch)[1]
 
 
-def train(args, model, optimizer, amp, total, steps_per_epoch, micro_batches, loss_of, evaluate, best,
-          best_name="best.pt", ckpt=None, raw=None, world=1, rank=0, sample=None, patience=None):
-    """Train model (as wrapped for DDP or torch.compile; raw: the model itself) for total steps. Every
-    --eval-interval steps and at the end: evaluate() -> {"train": loss, "val": loss, ...}, printed (with
-    sample() if given) and kept in the history; a lower "val" writes best() into OUT_DIR/best_name, and
-    ckpt.pt is saved if SAVE_EVERY seconds have passed since it last was. A step: this process's
-    micro_batches(step) (each a tuple, its input first), their loss_of(model, batch), AdamW. Ctrl-C saves
-    after the step and stops; --resume (ckpt) goes on bitwise. patience: stop after that many evaluations
-    without a lower "val". -> the progress: "step", "tokens", "best_val", "history" ({"step", "tokens",
-    "train", "val", ...} per evaluation, "loss" per step), "stopped"."""
-    raw, master = raw or model, rank == 0
-    autocast, scaler = amp
-    keep_freed_memory()
-    torch.manual_seed(args.seed + rank)  # dropout masks: their own stream in each process
-    progress = resume_progress(ckpt, optimizer, scaler, os.path.join(args.out_dir, best_name), world, rank)
-    progress["saved"] = time.time()  # (not saved in ckpt.pt: see save_latest)
-    history, eval_interval = progress["history"], args.eval_interval or steps_per_epoch
-    if master:
-        print(f"{total} steps of {args.batch_size} ({steps_per_epoch} per epoch), {world} process(es), "
-              f"{args.dtype}, from step {progress['step']}")
-    stop = StopRequest()
-    bar = tqdm_bar(total, progress["step"], disable=not master)
-    train_time, steps_timed, tokens_timed, interrupted, patience_out = 0.0, 0, 0, False, False
-    while True:
-        step = progress["step"]
-        if (step % eval_interval == 0 or step == total) and history["step"][-1:] != [step]:
-            patience_out = evaluate_and_save(args, model, raw, optimizer, scaler, progress, evaluate,
-                                             autocast, best, best_name, step, total, steps_per_epoch, world,
-                                             master, bar, sample, patience)
-        if step == total or interrupted or patience_out:
-            break
-        t0 = time.time()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, total, args)
-        micro = micro_batches(step)
-        loss_sum = train_step(model, optimizer, scaler, micro, loss_of, autocast, args.grad_clip)
-        report = torch.tensor([loss_sum, float(stop.requested)], device=micro[0][0].device)
-        if world > 1:
+@dataclass
+class Task:
+    """What a script gives the loop."""
+    raw: torch.nn.Module  # the model itself: what ckpt.pt saves
+    batches: Callable  # step -> this process's micro-batches, each a tuple with the inputs first
+    evaluate: Callable  # () -> {"train": loss, "val": loss, ...}, under no_grad, in eval mode
+    best: Callable  # () -> what OUT_DIR/best_name holds when "val" is the lowest yet
+    steps_per_epoch: int
+    loss: Callable = lm_loss  # (model, micro-batch) -> loss
+    model: torch.nn.Module = None  # as the loop runs it (DDP, torch.compile); None: raw
+    best_name: str = "best.pt"
+    sample: Callable = None  # () -> a line of text printed at each evaluation
+    patience: int = None  # stop after this many evaluations without a lower "val"
+
+
+class Trainer:
+    """Trains task.raw for --max-iters steps (or --epochs): evaluates every --eval-interval steps and at the
+    end, keeps the best model, saves ckpt.pt at most every SAVE_EVERY seconds and at the end; Ctrl-C saves
+    after the step and stops; --resume goes on bitwise."""
+
+    def __init__(self, args, task, optimizer, ckpt=None, world=1, rank=0):
+        self.args, self.task, self.optimizer, self.world, self.rank = args, task, optimizer, world, rank
+        self.model, self.master = task.model or task.raw, rank == 0
+        self.total = args.max_iters or args.epochs * task.steps_per_epoch
+        device_type = next(task.raw.parameters()).device.type
+        self.autocast = precision(args.dtype, device_type, note=False)
+        # float16's small gradients are scaled up through backward; otherwise the scaler does nothing
+        self.scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == "float16")
+        self.step, self.tokens, self.best_val = 0, 0, math.inf
+        self.history = {"step": [], "tokens": [], "loss": []}  # per evaluation; "loss": every step's
+        torch.manual_seed(args.seed + rank)  # dropout masks: their own stream in each process
+        if ckpt:
+            self.resume(ckpt)
+        self.saved_at = time.time()
+
+    def resume(self, ckpt):
+        """The progress ckpt.pt saved, with the optimizer, the scaler and every process's random state."""
+        self.step, self.tokens, self.history = ckpt["step"], ckpt["tokens"], ckpt["history"]
+        if self.step >= self.total:
+            raise UserError(f"{self.args.out_dir}/ckpt.pt is at step {self.step} already, and this run "
+                            f"ends at step {self.total}: pass a larger --max-iters (or --epochs) to train on")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt.get("scaler") or {})
+        if len(ckpt["rng"]) == self.world:
+            torch.set_rng_state(ckpt["rng"][self.rank]["cpu"])
+            if "cuda" in ckpt["rng"][self.rank] and torch.cuda.is_available():
+                torch.cuda.set_rng_state(ckpt["rng"][self.rank]["cuda"])
+        elif self.master:
+            print(f"note: {len(ckpt['rng'])} processes wrote the checkpoint, {self.world} resume it: dropout "
+                  "draws new masks")
+        # the best model file may be newer than ckpt.pt: never replace it by a worse one
+        best_path, best_val = os.path.join(self.args.out_dir, self.task.best_name), math.inf
+        if os.path.isfile(best_path):
+            best_val = read_checkpoint(best_path, "a model", "", needs=("val_loss",), mmap=True)["val_loss"]
+        self.best_val = min(ckpt["best_val"], best_val)
+
+    def fit(self):
+        """-> {"step", "tokens", "best_val", "history", "stopped"}."""
+        args, task = self.args, self.task
+        keep_freed_memory()
+        eval_interval = args.eval_interval or task.steps_per_epoch
+        if self.master:
+            print(f"{self.total} steps of {args.batch_size} ({task.steps_per_epoch} per epoch), {self.world} "
+                  f"process(es), {args.dtype}, from step {self.step}")
+        stop, timed = StopRequest(), [0.0, 0, 0]  # seconds, steps, tokens of training alone
+        bar = progress_bar(total=self.total, initial=self.step, unit="step", disable=not self.master)
+        stopped = patience_out = False
+        while True:
+            due = self.step % eval_interval == 0 or self.step == self.total
+            if due and self.history["step"][-1:] != [self.step]:
+                patience_out = self.evaluate(bar)
+            if self.step == self.total or patience_out:
+                break
+            t0 = time.time()
+            loss, tokens, stopped = self.train_step(stop.requested)
+            dt = time.time() - t0
+            timed = [timed[0] + dt, timed[1] + 1, timed[2] + tokens]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:,.0f}")
+            if stopped:
+                break
+        bar.close()
+        stop.restore()
+        if self.master and stopped:
+            print(f"saving {args.out_dir}/ckpt.pt at step {self.step} ...", file=sys.stderr)
+        self.save()
+        if self.master:
+            plot_history(self.history, os.path.join(args.out_dir, "loss.png"))
+            if timed[1]:
+                print(f"{timed[1]} steps in {timed[0]:.0f} s, {timed[2] / timed[0]:,.0f} tokens/s "
+                      f"(evaluation excluded); {args.out_dir}/ckpt.pt and loss.png written")
+            if stopped:
+                print(f"stopped at step {self.step}/{self.total}: {' '.join(resume_command(args))} continues")
+        return {"step": self.step, "tokens": self.tokens, "best_val": self.best_val, "history": self.history,
+                "stopped": stopped}
+
+    def train_step(self, stop_requested):
+        """One update from this process's micro-batches -> (the mean loss over all processes, the tokens of
+        the step, whether any process got Ctrl-C)."""
+        args, model, scaler = self.args, self.model, self.scaler
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, self.total, args)
+        micro, loss_sum = self.task.batches(self.step), 0.0
+        for m, batch in enumerate(micro):
+            # DDP averages gradients over processes in backward(); only the last micro-batch needs it.
+            last = m == len(micro) - 1
+            with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+                with self.autocast:
+                    loss = self.task.loss(model, batch) / len(micro)
+                scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        scaler.unscale_(self.optimizer)  # clip the true gradients
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        report = torch.tensor([loss_sum, float(stop_requested)], device=micro[0][0].device)
+        if self.world > 1:
             dist.all_reduce(report)  # the mean loss, and whether any process got Ctrl-C
-        loss, interrupted = report[0].item() / world, report[1].item() > 0
-        tokens = sum(batch[0].numel() for batch in micro) * world
-        history["loss"].append(loss)
-        progress["step"], progress["tokens"] = step + 1, progress["tokens"] + tokens
-        dt = time.time() - t0
-        train_time, steps_timed, tokens_timed = train_time + dt, steps_timed + 1, tokens_timed + tokens
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:,.0f}")
-    bar.close()
-    stop.restore()
-    save_latest(raw, optimizer, scaler, progress, args, world, master)
-    if master:
-        plot_history(history, os.path.join(args.out_dir, "loss.png"))
-        if steps_timed:
-            print(f"{steps_timed} steps in {train_time:.0f} s, {tokens_timed / train_time:,.0f} tokens/s "
-                  f"(evaluation excluded); {args.out_dir}/ckpt.pt and loss.png written")
-        if interrupted:
-            print(f"stopped at step {progress['step']}/{total}: {' '.join(resume_command(args))} continues")
-    return {**progress, "stopped": interrupted}  # (and "saved", the time it was)
+        loss = report[0].item() / self.world
+        if not math.isfinite(loss):
+            raise UserError(f"the training loss is {loss} at step {self.step + 1}: training diverged; lower "
+                            f"--lr (now {args.lr:g}) or pass --grad-clip 1.0 and run again (ckpt.pt and "
+                            f"{self.task.best_name} keep the last good state)")
+        tokens = sum(batch[0].numel() for batch in micro) * self.world
+        self.history["loss"].append(loss)
+        self.step, self.tokens = self.step + 1, self.tokens + tokens
+        return loss, tokens, report[1].item() > 0
+
+    def evaluate(self, bar):
+        """One evaluation: into the history and printed; the best model file if "val" fell; ckpt.pt between
+        the first and the last step if SAVE_EVERY has passed. -> whether patience ran out."""
+        task = self.task
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            metrics = task.evaluate()
+            text = task.sample() if task.sample and self.master else None
+        self.model.train()
+        for key, value in {"step": self.step, "tokens": self.tokens, **metrics}.items():
+            self.history.setdefault(key, []).append(value)
+        if self.master:
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.2%}" if "accuracy" in k else f"{k} loss {v:.3f}"
+                              for k, v in metrics.items())
+            bar.write(f"step {self.step} (epoch {self.step / task.steps_per_epoch:.1f}, {self.tokens:,} "
+                      f"tokens): {shown}")
+            if text is not None:
+                bar.write(f"  {text}")
+        if metrics["val"] < self.best_val:  # the best model file only ever gets a better model
+            self.best_val = metrics["val"]
+            if self.master:
+                save_atomic({**task.best(), "step": self.step, "val_loss": metrics["val"]},
+                            os.path.join(self.args.out_dir, task.best_name))
+        if 0 < self.step < self.total and time.time() - self.saved_at > SAVE_EVERY:
+            self.save()
+        vals = self.history["val"]
+        if task.patience and len(vals) - 1 - vals.index(min(vals)) >= task.patience:
+            if self.master:
+                bar.write(f"no lower validation loss in {task.patience} evaluations: stopping")
+            return True
+        return False
+
+    def save(self):
+        """ckpt.pt: everything --resume needs. Every process takes part (their random states); rank 0
+        writes."""
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        rng = [state] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rng, state)
+        self.saved_at = time.time()
+        if self.master:
+            save_atomic(self.task.raw.checkpoint(
+                optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
+                tokens=self.tokens, best_val=self.best_val, history=self.history, rng=rng,
+                args=vars(self.args)), os.path.join(self.args.out_dir, "ckpt.pt"))
 
 
 def resume_command(args):
     command = ["python", os.path.basename(sys.argv[0]), "--resume"]
     return command + (["--out-dir", args.out_dir] if args.out_dir != "out" else [])
-
-
-def tqdm_bar(total, initial, disable):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", disable=disable, dynamic_ncols=True)
-
-
-def resume_progress(ckpt, optimizer, scaler, best_path, world, rank):
-    """{"step", "tokens", "best_val", "history"}: a new run's, or those ckpt.pt saved, with the optimizer,
-    the gradient scaler and every process's random state as they were."""
-    if not ckpt:
-        history = {"step": [], "tokens": [], "loss": []}  # "loss": every step's training loss
-        return {"step": 0, "tokens": 0, "best_val": math.inf, "history": history}
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == world:
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if "cuda" in ckpt["rng"][rank] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-    elif rank == 0:
-        print(f"note: {len(ckpt['rng'])} processes wrote the checkpoint, {world} resume it: dropout "
-              "draws new masks")
-    best_val = math.inf  # the best model file may be newer than ckpt.pt: never replace it by a worse one
-    if os.path.isfile(best_path):
-        best_val = read_checkpoint(best_path, "a model", "", needs=("val_loss",), mmap=True)["val_loss"]
-    return {"step": ckpt["step"], "tokens": ckpt["tokens"], "best_val": min(ckpt["best_val"], best_val),
-            "history": ckpt["history"]}
-
-
-def evaluate_and_save(args, model, raw, optimizer, scaler, progress, evaluate, autocast, best, best_name,
-                      step, total, steps_per_epoch, world, master, bar, sample, patience):
-    """One evaluation: into the history and printed; best.pt if the validation loss fell; ckpt.pt
-    between the first and the last step. -> whether patience ran out."""
-    history = progress["history"]
-    model.eval()
-    with torch.no_grad(), autocast:
-        metrics = evaluate()
-        text = sample() if sample and master else None
-    model.train()
-    for key, value in {"step": step, "tokens": progress["tokens"], **metrics}.items():
-        history.setdefault(key, []).append(value)
-    if master:
-        shown = ", ".join(f"{k.replace('_', ' ')} {v:.2%}" if "accuracy" in k else f"{k} loss {v:.3f}"
-                          for k, v in metrics.items())
-        bar.write(f"step {step} (epoch {step / steps_per_epoch:.1f}, {progress['tokens']:,} tokens): {shown}")
-        if text is not None:
-            bar.write(f"  {text}")
-    if metrics["val"] < progress["best_val"]:  # the best model file only ever gets a better model
-        progress["best_val"] = metrics["val"]
-        if master:
-            save_atomic({**best(), "step": step, "val_loss": metrics["val"]},
-                        os.path.join(args.out_dir, best_name))
-    if 0 < step < total and time.time() - progress["saved"] > SAVE_EVERY:
-        save_latest(raw, optimizer, scaler, progress, args, world, master)
-    vals = history["val"]
-    if patience and len(vals) - 1 - vals.index(min(vals)) >= patience:
-        if master:
-            bar.write(f"no lower validation loss in {patience} evaluations: stopping")
-        return True
-    return False
-
-
-def train_step(model, optimizer, scaler, micro, loss_of, autocast, grad_clip):
-    """One update from this process's micro-batches -> the sum of their (scaled) losses."""
-    loss_sum = 0.0
-    for m, batch in enumerate(micro):
-        # DDP averages gradients over processes in backward(); only the last micro-batch needs it.
-        last = m == len(micro) - 1
-        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
-            with autocast:
-                loss = loss_of(model, batch) / len(micro)
-            (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += loss.item()
-    if scaler:
-        scaler.unscale_(optimizer)  # clip the true gradients
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum
-
-
-def rng_states(world):
-    """Every process's random state (it draws the dropout masks), as tensors that
-    torch.load(weights_only=True) reads back."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    states = [state] * world
-    if world > 1:
-        dist.all_gather_object(states, state)
-    return states
-
-
-def save_latest(raw, optimizer, scaler, progress, args, world, master):
-    """ckpt.pt: everything --resume needs. Every process takes part (their random states); rank 0 writes."""
-    rng = rng_states(world)
-    progress["saved"] = time.time()
-    saved = {k: v for k, v in progress.items() if k != "saved"}
-    if master:
-        save_atomic(raw.checkpoint(optimizer=optimizer.state_dict(),
-                                   scaler=scaler.state_dict() if scaler else None, **saved, rng=rng,
-                                   args=vars(args)), os.path.join(args.out_dir, "ckpt.pt"))
 
 
 class StopRequest:
@@ -337,6 +389,19 @@ class StopRequest:
     def restore(self):
         for s, handler in self.saved.items():
             signal.signal(s, handler)
+
+
+def keep_freed_memory():
+    """glibc gives every large block back to the system when it is freed, so each training step page-faults
+    its big tensors (the 154 MB embedding gradient, the logits) in afresh: a fifth of a CPU step. Keep them:
+    large blocks come from the heap, which is never trimmed. (Linux with glibc; elsewhere nothing changes.)"""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def plot_history(history, path):

@@ -10,12 +10,11 @@ import torch
 
 import devices
 import files
-import loading
 import trainer
 from errors import UserError
-from tests.conftest import (INSTRUCT_TINY, OPENAI_124M, SAMPLE_PROMPT, SPAM_DATA, SPAM_TINY, TINY, free_port,
-                            hf_twin, one_line_error, run_script, snapshot, tiny_model, train_args,
-                            train_load, train_run, train_verdict, write_openai_checkpoint)
+from tests.helpers import (INSTRUCT_TINY, OPENAI_124M, SAMPLE_PROMPT, SPAM_DATA, SPAM_TINY, TINY, free_port,
+                           hf_twin, one_line_error, run_script, snapshot, tiny_model, train_args, train_load,
+                           train_run, train_verdict, write_openai_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +238,7 @@ def test_bad_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, run_m
 def test_the_training_memory_bound_is_below_what_a_step_takes(monkeypatch):
     """check_training_memory refuses only what cannot fit: its bound is below what torch really allocates
     for a step (counted by torch's profiler of the CPU allocator), so no run that fits is refused."""
-    model = loading.train_layout(tiny_model(vocab_size=50257, n_ctx=64)).train()
+    model = tiny_model(vocab_size=50257, n_ctx=64).train()
     optimizer = trainer.configure_optimizer(model, 1e-3, 0.1)
     x = torch.randint(0, 50257, (4, 64))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],

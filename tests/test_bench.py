@@ -11,7 +11,7 @@ import bench
 from devices import native_bf16
 from files import save_atomic
 from gpt2 import GPT, GPTConfig
-from tests.conftest import DATA, TINY, hf_twin, run_script, tiny_model
+from tests.helpers import DATA, TINY, hf_twin, run_script, tiny_model
 
 BENCH_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--batch-size", "2", "--seq-len", "16",
               "--prompt-len", "8", "--new-tokens", "12", "--batch-new-tokens", "4", "--prefill", "32",
@@ -31,9 +31,9 @@ BENCH_ROWS = [
     ("training, float32, fused AdamW over float32, torch's defaults (foreach AdamW), speed-up", 2),
     *([("training, bfloat16 autocast, fused AdamW over float32, torch's defaults (foreach AdamW), "
         "speed-up", 2)] if NATIVE_BF16 else []),
-    ("training, float32: contiguous weights (train_layout) over the loaded (in, out) ones", 1),
+    ("training, float32: block matrices (out, in), as loaded, over (in, out)", 1),
     ("generation, greedy, 8 + 12 tokens", 3), ("generation, greedy, share of the bandwidth bound", 3),
-    ("generation, greedy: ours as loaded (block matrices (in, out)) over them (out, in)", 1),
+    ("generation, greedy: ours as loaded (block matrices (out, in)) over them (in, out)", 1),
     ("generation, top-k 50", 3), ("generation, greedy, no KV cache", 1), ("KV cache speed-up", 1),
     ("generation, greedy, batch 1 x (8 + 4)", 3), ("generation, greedy, batch 4", 3),
     ("generation, greedy, batch 8", 3), ("generation, greedy, batch 16", 3),

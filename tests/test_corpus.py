@@ -15,7 +15,7 @@ import tiktoken
 
 from corpus import load_tokens
 from gpt2 import Tokenizer
-from tests.conftest import DATA, EOT, ROOT, TRAIN_TINY, one_line_error, run_script, snapshot
+from tests.helpers import DATA, EOT, ROOT, TRAIN_TINY, one_line_error, run_script, snapshot
 
 
 def test_train_token_cache_follows_the_text(tmp_path):

@@ -11,7 +11,7 @@ import zipfile
 from http.server import BaseHTTPRequestHandler
 
 import conftest as data  # the project's conftest.py: where the real data is, and how it is fetched
-from tests.conftest import DATA, ROOT, free_port, reply
+from tests.helpers import DATA, ROOT, free_port, reply
 
 
 class Mirror(BaseHTTPRequestHandler):
@@ -68,14 +68,34 @@ def test_the_tests_run_on_fetched_data_and_offline_say_what_they_need(tmp_path, 
     env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
     env.update(GPT2_DATA=str(tmp_path / "nowhere"), GPT2_DATA_CACHE=str(tmp_path / "cache"),
                GPT2_DATA_MIRROR=server.url)
-    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "test_gpt2.py"), "-k",
-             "real_124M_index or known_ids"]
+    tests = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+             str(ROOT / "test_gpt2.py"), "-k", "real_124M_index or known_ids"]
     r = subprocess.run(tests, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert len(server.requests) == len(data.DATA_FILES) and not data.missing(tmp_path / "cache")
     env.update(GPT2_DATA_CACHE=str(tmp_path / "empty"), GPT2_DATA_MIRROR=f"http://127.0.0.1:{free_port()}")
     r = subprocess.run(tests, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     said = [line for line in (r.stdout + r.stderr).splitlines() if "the tests read real data" in line]
-    assert r.returncode == 1 and len(said) == 1 \
-           and "connect to the internet once, or set GPT2_DATA" in said[0]
+    assert r.returncode == 1 and len(said) == 1 and "the-verdict.txt, tinyshakespeare.txt" in said[0] \
+           and "connect to the internet once, put the files in data/" in said[0] \
+           and "or set GPT2_DATA to a folder that holds them" in said[0]
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_the_projects_own_data_and_models_folders_are_found(tmp_path, monkeypatch):
+    """No GPT2_DATA folder: the files the scripts downloaded into the project's data/ and models/124M/ are
+    what the tests read (linked into the cache), and nothing is left to fetch."""
+    project = tmp_path / "project"
+    for name in data.DATA_FILES:
+        openai = name.startswith("gpt2-124M/")
+        place = project / ("models/124M/" + name.split("/")[1] if openai else "data/" + name)
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.write_bytes((DATA / name).read_bytes())
+    monkeypatch.setattr(data, "ROOT", project)
+    monkeypatch.setenv("GPT2_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("GPT2_DATA_CACHE", str(tmp_path / "cache"))
+    found = data.find_data()
+    assert found == tmp_path / "cache" and not data.missing(found)
+    assert (found / "gpt2-124M" / "vocab.bpe").resolve() == project / "models" / "124M" / "vocab.bpe"
+    spam = "sms-spam/SMSSpamCollection"
+    assert (found / spam).read_bytes() == (DATA / spam).read_bytes()

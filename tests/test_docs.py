@@ -10,7 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = ["download_weights.py", "train.py", "finetune_spam.py", "finetune_instruct.py", "sample.py",
-           "explore.py", "bench.py", "tools/bench_data.py", "tools/bench_int8.py", "tools/stress_resume.py"]
+           "explore.py", "bench.py", "tools/bench_data.py", "tools/bench_int8.py", "tools/stress_resume.py",
+           "tools/spam_seeds.py"]
+PASSES_TO = {"tools/spam_seeds.py": "finetune_spam.py"}  # a tool that runs a script with the flags after --
 
 
 def commands(text):
@@ -19,7 +21,10 @@ def commands(text):
     text = text.replace("\\\n", " ")
     for m in re.finditer(r"python (?:-m (tools)\.(\w+)|([\w/]+\.py))([^\n`|;&]*)", text):
         script = f"tools/{m.group(2)}.py" if m.group(1) else m.group(3)
-        yield script, re.findall(r"(?<![\w-])--[a-z][\w-]*", m.group(4))
+        own, _, passed = m.group(4).partition(" -- ")  # after --: the flags of the script the tool runs
+        yield script, re.findall(r"(?<![\w-])--[a-z][\w-]*", own)
+        if script in PASSES_TO:
+            yield PASSES_TO[script], re.findall(r"(?<![\w-])--[a-z][\w-]*", passed)
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ from errors import UserError
 from fetch import download
 from files import save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
-from test_gpt2 import real_index
-from tests.conftest import (DATA, OPENAI_124M, ROOT, TINY, free_port, hf_twin, one_line_error, run_script,
-                            snapshot, tiny_model, write_openai_checkpoint)
+from tests.helpers import (DATA, OPENAI_124M, ROOT, TINY, free_port, hf_twin, one_line_error, real_index,
+                           run_script, snapshot, tiny_model, write_openai_checkpoint)
 
 # -----------------------------------------------------------------------------
 # download_weights.py and fetch.download, against a server on 127.0.0.1

@@ -12,8 +12,7 @@ import explore
 from errors import UserError
 from files import save_atomic
 from gpt2 import Tokenizer
-from test_gpt2 import real_index
-from tests.conftest import OPENAI_124M, TINY, hf_twin, run_script, tiny_model
+from tests.helpers import OPENAI_124M, TINY, hf_twin, real_index, run_script, tiny_model
 
 
 def explore_png_ok(path):

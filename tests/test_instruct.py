@@ -1,4 +1,5 @@
-"""finetune_instruct.py: prompt, batches, LoRA, training, and the Ollama judge against a fake server."""
+"""finetune_instruct.py and what it is built of (instruction.py, lora.py, judge.py): prompt, batches, LoRA,
+training, and the Ollama judge against a fake server."""
 
 import json
 from http.server import BaseHTTPRequestHandler
@@ -6,12 +7,13 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 import torch
 
-from finetune_instruct import (IGNORE, JUDGE_RETRIES, LoRALinear, add_lora, collate, encode, load_entries,
-                               merge_lora, split)
+from finetune_instruct import split
 from gpt2 import GPT, GPTConfig, Tokenizer
-from instruction import format_prompt
-from tests.conftest import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, assert_bitwise_equal, free_port,
-                            one_line_error, reply, run_script, stop_then_resume, tiny_model)
+from instruction import IGNORE, collate, encode, format_prompt, load_entries
+from judge import JUDGE_RETRIES
+from lora import LoRALinear, add_lora, merge_lora
+from tests.helpers import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, assert_bitwise_equal, free_port,
+                           one_line_error, reply, run_script, stop_then_resume, tiny_model)
 from trainer import configure_optimizer
 
 
@@ -84,7 +86,7 @@ def instruct_book_collate(batch, pad_token_id=EOT, ignore_index=-100, allowed_ma
 def test_instruct_collate_of_real_entries_matches_the_book_and_masks_the_prompt():
     tok = Tokenizer()
     entries = load_entries(INSTRUCT_DATA)[:8]
-    batch = [encode(tok, e) for e in entries]
+    batch = [encode(tok, format_prompt(e), e["output"]) for e in entries]
     for entry, (ids, prompt_len) in zip(entries, batch):
         assert tok.decode(ids[:prompt_len]) == format_prompt(entry)
         assert tok.decode(ids[prompt_len:]) == entry["output"] + "<|endoftext|>"
@@ -314,16 +316,19 @@ def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama):
 
 def test_bad_a_judge_without_scores_never_erases_earlier_ones(tmp_path, instruct_ollama):
     """Class 4: scores, then a second run whose judge gives none: the file is byte-identical; a run that
-    scores some entries keeps the earlier score of each entry it could not score."""
+    scores some entries keeps the earlier score of each entry it could not score. A run again without
+    --rescore asks nothing: every entry has its score."""
     path, _ = instruct_responses(tmp_path, 2)
     instruct_ollama.replies = ["85", "40"]
     assert instruct_judge(path, instruct_ollama).returncode == 0
     scored = path.read_bytes()
+    r = instruct_judge(path, instruct_ollama)
+    assert r.returncode == 0 and "has a score already" in r.stdout and len(instruct_ollama.requests) == 2
     instruct_ollama.replies = ["no idea"] * 2 * (1 + JUDGE_RETRIES)
-    line = one_line_error(instruct_judge(path, instruct_ollama))
+    line = one_line_error(instruct_judge(path, instruct_ollama, "--rescore"))
     assert "gave no score to any of the 2 entries" in line and path.read_bytes() == scored
     instruct_ollama.replies = ["90"] + ["no idea"] * (1 + JUDGE_RETRIES)
-    assert instruct_judge(path, instruct_ollama).returncode == 0
+    assert instruct_judge(path, instruct_ollama, "--rescore").returncode == 0
     assert [e["score"] for e in json.loads(path.read_text())] == [90, 40]
 
 

@@ -12,7 +12,7 @@ import explore
 import finetune_spam as fs
 from download_weights import write_hf
 from gpt2 import GPT, GPTConfig
-from tests.conftest import EOT, SAMPLE_PROMPT, one_line_error, snapshot, tiny_model
+from tests.helpers import EOT, SAMPLE_PROMPT, one_line_error, snapshot, tiny_model
 
 TOKENS = GPTConfig.vocab_size  # GPT-2's 50,257
 

@@ -3,16 +3,16 @@
 import csv
 import json
 import math
-import os
 
 import pytest
 import torch
 
 import finetune_spam as fs
+import sms_spam
 import trainer
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.conftest import (EOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script,
-                            spam_sample, stop_then_resume)
+from tests.helpers import (EOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script,
+                           spam_sample, stop_then_resume)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def spam_run(tmp_path_factory):
 
 
 def test_spam_reads_every_line_of_the_real_file():
-    messages = fs.read_messages(SPAM_DATA)
+    messages = sms_spam.read_messages(SPAM_DATA)
     raw = SPAM_DATA.read_bytes().split(b"\n")
     assert len(messages) == sum(1 for l in raw if l) == 5574
     assert sum(1 for label, _ in messages if label == "spam") \
@@ -37,10 +37,10 @@ def test_spam_reads_every_line_of_the_real_file():
 
 
 def test_spam_split_is_balanced_deterministic_and_kept(tmp_path):
-    messages = fs.read_messages(SPAM_DATA)
-    split = fs.balanced_split(messages, 123)
-    assert split == fs.balanced_split(messages, 123)
-    assert split != fs.balanced_split(messages, 124)
+    messages = sms_spam.read_messages(SPAM_DATA)
+    split = sms_spam.balanced_split(messages, 123)
+    assert split == sms_spam.balanced_split(messages, 123)
+    assert split != sms_spam.balanced_split(messages, 124)
     assert {name: len(ms) for name, ms in split.items()} == {"train": 1045, "validation": 149, "test": 300}
     everything = [m for ms in split.values() for m in ms]
     assert sum(1 for label, _ in everything if label == "spam") \
@@ -48,12 +48,12 @@ def test_spam_split_is_balanced_deterministic_and_kept(tmp_path):
     # each line of the file at most once over the three parts (by identity: the file repeats some texts)
     lines = {id(m) for m in messages}
     assert all(id(m) in lines for m in everything) and len({id(m) for m in everything}) == len(everything)
-    fs.write_split(split, tmp_path / "a", 123)
-    fs.write_split(fs.balanced_split(messages, 123), tmp_path / "b", 123)
+    sms_spam.write_split(split, tmp_path / "a", 123, overwrite=False)
+    sms_spam.write_split(sms_spam.balanced_split(messages, 123), tmp_path / "b", 123, overwrite=False)
     for name in split:
         a, b = (tmp_path / d / f"{name}-seed123.tsv" for d in ("a", "b"))
         assert a.read_bytes() == b.read_bytes()
-        assert fs.read_messages(a) == split[name]
+        assert sms_spam.read_messages(a) == split[name]
 
 
 def test_spam_last_real_token_of_padded_batch():
@@ -111,7 +111,7 @@ def test_spam_learning_rate_schedule():
 
 
 def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
-    split = {name: fs.read_messages(spam_run / "split" / f"{name}-seed7.tsv")
+    split = {name: sms_spam.read_messages(spam_run / "split" / f"{name}-seed7.tsv")
              for name in ("train", "validation", "test")}
     assert {name: len(ms) for name, ms in split.items()} == {"train": 84, "validation": 12, "test": 24}
     report = json.loads((spam_run / "out" / "metrics.json").read_text())
@@ -149,35 +149,6 @@ def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
            and float(prob) == pytest.approx(probs.max().item(), abs=1e-3)
 
 
-def test_spam_seeds_one_folder_each_then_the_summary(tmp_path):
-    spam_sample(tmp_path)
-    earlier = tmp_path / "out" / "seed5" / "classifier.pt"
-    earlier.parent.mkdir(parents=True)
-    earlier.write_bytes(b"an earlier run")
-    args = ["--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", "--epochs", "1",
-            "--lr", "1e-3", "--seeds", "3,5", *SPAM_TINY]
-    r = run_script("finetune_spam.py", *args, cwd=tmp_path)
-    assert r.returncode == 1 and "out/seed5/classifier.pt is from an earlier run" in r.stderr, r.stderr
-    assert not (tmp_path / "out" / "seed3").exists()  # refused before the first seed trained
-    r = run_script("finetune_spam.py", *args, "--overwrite", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    summary = json.loads((tmp_path / "out" / "seeds.json").read_text())
-    runs = {seed: json.loads((tmp_path / "out" / f"seed{seed}" / "metrics.json").read_text())
-            for seed in (3, 5)}
-    assert list(summary["seeds"]) == ["3", "5"] and summary["args"]["seeds"] == [3, 5]
-    for seed, run in runs.items():
-        assert run["args"]["seed"] == seed and (tmp_path / "split" / f"test-seed{seed}.tsv").is_file()
-        row = summary["seeds"][str(seed)]
-        assert row["test_accuracy"] == run["test"]["accuracy"] \
-               and row["val_loss"] == run["validation"]["loss"]
-        assert row["cpu_s"] == run["time"]["cpu_s"] > 0 and row["wall_s"] == run["time"]["wall_s"] > 0
-    accuracies = [run["test"]["accuracy"] for run in runs.values()]
-    assert summary["mean"]["test_accuracy"] == pytest.approx(sum(accuracies) / 2)
-    assert summary["worst"]["test_accuracy"] == min(accuracies)
-    assert summary["std"]["test_accuracy"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / math.sqrt(2))
-    assert "| **worst** |" in r.stdout and fs.load_classifier(earlier).lm_head.out_features == 2
-
-
 def test_spam_patience_stops_and_pool_is_kept(tmp_path):
     spam_sample(tmp_path)
     # lr 0: the validation loss never falls below step 0's, so patience 2 stops at the second evaluation after
@@ -188,21 +159,6 @@ def test_spam_patience_stops_and_pool_is_kept(tmp_path):
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["history"]["step"] == [0, 10, 20] and report["best_step"] == 0
     assert fs.load_classifier(tmp_path / "out" / "classifier.pt").pool == "mean"
-
-
-@pytest.mark.parametrize("seeds, message", [
-    ("0-4,4", "must name each seed once"),  # seed 4 twice
-    ("5-2", "5-2 is an empty range: write the smaller seed first"),
-    # refused before any list is built
-    ("0-100000000", "0-100000000 names more than 1000 seeds (a fine-tuning each)"),
-    ("one", "must be seeds like 0-9, 1,4,7 or 0-4,9, not one"),
-])
-def test_spam_seeds_flag_is_checked(tmp_path, seeds, message, run_main, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    r = run_main("finetune_spam.py", "--seeds", seeds)
-    assert r.returncode == 2 and r.stderr.startswith(f"error: argument --seeds: {message}"), r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
-    assert fs.seed_list("0-2,7") == [0, 1, 2, 7]
 
 
 def test_spam_text_longer_than_context(spam_run):

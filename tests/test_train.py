@@ -9,8 +9,8 @@ from torch.nn import functional as F
 
 from corpus import load_tokens
 from gpt2 import GPT, Tokenizer
-from tests.conftest import (TRAIN_TINY, assert_bitwise_equal, free_port, run_script, stop_then_resume,
-                            train_args, train_load, train_run, train_verdict)
+from tests.helpers import (TRAIN_TINY, assert_bitwise_equal, free_port, run_script, stop_then_resume,
+                           train_args, train_load, train_run, train_verdict)
 
 
 def test_train_tiny_learns_and_reports_true_losses(tmp_path):

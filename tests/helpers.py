@@ -1,0 +1,217 @@
+"""What the tests share: where the real data is, tiny models and their transformers twin, OpenAI-layout
+checkpoints written with TensorFlow, running a script as a user would (run_script), a reply of a local HTTP
+server, and the checks of bad input: one line, no traceback, the files that were there left as they were.
+The fixtures (run_main, serve) are in conftest.py."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2 import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent  # the project
+DATA = Path(os.environ["GPT2_DATA"])  # the real data, where the project's conftest.py found it
+OPENAI_124M = DATA / "gpt2-124M"  # the real index and hparams of OpenAI's 124M release, without the weights
+EOT = 50256  # <|endoftext|>, as tiktoken numbers it
+LOCK_FILES = {".lock", ".lock.pid"}  # files.lock_out_dir's
+
+# -----------------------------------------------------------------------------
+# Tiny models, and the same weights in transformers' GPT-2 and in OpenAI's TensorFlow layout.
+
+TINY = dict(vocab_size=96, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+
+
+def hf_twin(model):
+    """transformers' GPT2LMHeadModel holding exactly `model`'s weights (its Conv1D layers keep them (in,
+    out))."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    ))
+    conv1d = {f"{name}.weight" for name, module in hf.named_modules() if isinstance(module, Conv1D)}
+    state = {k: v.t() if k in conv1d else v for k, v in model.state_dict().items()}
+    hf.load_state_dict(state, strict=False)  # strict=False: transformers keeps no copy of the tied lm_head
+    return hf.eval()
+
+
+def tiny_model(seed=0, **overrides):
+    """A small GPT with weights far from their initial scale, so that every part of the
+    model (each head, each mask entry) moves the logits enough to change greedy choices."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def real_index():
+    import tensorflow as tf
+
+    return {name: tuple(shape) for name, shape in tf.train.list_variables(str(OPENAI_124M / "model.ckpt"))}
+
+
+def write_openai_checkpoint(folder, hf, n_ctx, tweak=None):
+    """Write hf's weights as OpenAI did: TensorFlow variables named like the real index,
+    linear layers as (1, in, out) convolutions. Uses transformers' names, not ours."""
+    import tensorflow as tf
+
+    state = hf.state_dict()
+    n_layer = hf.config.n_layer
+    variables = {}
+    for name in real_index():  # model/h0/attn/c_attn/w, model/ln_f/g, ...
+        parts = name.split("/")[1:]
+        if parts[0].startswith("h") and int(parts[0][1:]) >= n_layer:
+            continue
+        if parts[0].startswith("h"):
+            parts[0] = f"h.{parts[0][1:]}"
+        leaf = {"w": "weight", "g": "weight", "b": "bias"}.get(parts[-1])
+        key = "transformer." + ".".join(parts[:-1] + [leaf] if leaf else parts + ["weight"])
+        array = state[key].numpy()
+        variables[name] = array[None] if parts[-1] == "w" else array  # Conv1D (in, out) -> (1, in, out)
+    if tweak:
+        tweak(variables)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(variables)
+    tf.raw_ops.SaveV2(prefix=str(folder / "model.ckpt"), tensor_names=names,
+                      shape_and_slices=[""] * len(names), tensors=[tf.constant(variables[n]) for n in names])
+    c = hf.config
+    hparams = {"n_vocab": c.vocab_size, "n_ctx": n_ctx, "n_embd": c.n_embd, "n_head": c.n_head,
+               "n_layer": n_layer}
+    (folder / "hparams.json").write_text(json.dumps(hparams))
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# Running the scripts.
+
+
+def run_script(name, *args, cwd=ROOT, env=None, timeout=300, launcher=(sys.executable,)):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
+    return subprocess.run([*launcher, str(ROOT / name), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+
+
+def free_port():
+    """A port on 127.0.0.1 that nobody listened on a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reply(handler, body, status=200, content_type="application/octet-stream"):
+    """Answer the request an HTTP handler holds with body (bytes) and status."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+# Off the happy path: every bad input is one line (exit 1; 2 for a flag argparse rejects), no
+# traceback, and the files that were there before are byte-identical afterwards.
+
+
+def one_line_error(r, code=1):
+    """The single 'error: ...' line of a run that must have failed cleanly."""
+    assert r.returncode == code and "Traceback" not in r.stderr, r.stderr[-3000:]
+    # less progress bars
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    return lines[0]
+
+
+def snapshot(folder):
+    """Every file under folder and its bytes, less the lock a run holds on its out-dir."""
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file() and p.name not in LOCK_FILES}
+
+
+def stop_then_resume(script, args, straight, stopped, cwd=ROOT):
+    """Run `script args` into the out-dir straight, then again into stopped, Ctrl-C'd once its first best
+    model is saved (at the evaluation of step 0, or of the first step --eval-interval gives) and resumed
+    with --resume
+    -> (the two final ckpt.pt, the step it stopped at, its stdout)."""
+    run = [sys.executable, str(ROOT / script), *map(str, args)]
+    r = subprocess.run([*run, "--out-dir", straight], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = subprocess.Popen([*run, "--out-dir", stopped], cwd=cwd, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((Path(cwd) / stopped).glob("*.pt")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    stopped_at = torch.load(Path(cwd) / stopped / "ckpt.pt", weights_only=True)["step"]
+    r = subprocess.run([*run, "--out-dir", stopped, "--resume"], cwd=cwd, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(Path(cwd) / folder / "ckpt.pt", weights_only=True) for folder in (straight, stopped))
+    return a, b, stopped_at, stdout
+
+
+def assert_bitwise_equal(a, b):
+    """Two ckpt.pt: the same step, weights, optimizer state and history, bit for bit."""
+    assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i][k], b["optimizer"]["state"][i][k])
+               for i in a["optimizer"]["state"] for k in a["optimizer"]["state"][i])
+    assert a["history"] == b["history"]
+
+
+# -----------------------------------------------------------------------------
+# Tiny runs of each script on the real data.
+
+TRAIN_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--context-length", "32"]
+
+
+def train_verdict(tmp_path):
+    """A copy of the real the-verdict.txt in tmp_path (its token cache is written beside it)."""
+    return shutil.copy(DATA / "the-verdict.txt", tmp_path / "the-verdict.txt")
+
+
+def train_args(data, out, *args):
+    return ["--data", data, "--out-dir", out, *TRAIN_TINY, *args]
+
+
+def train_run(data, out, *args, launcher=(sys.executable,)):
+    r = run_script("train.py", *train_args(data, out, *args), launcher=launcher)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def train_load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+SPAM_DATA = DATA / "sms-spam" / "SMSSpamCollection"
+SPAM_TINY = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "4", "--n-embd", "64",
+             "--context-length", "300"]
+
+
+def spam_sample(folder):
+    """folder/sample.tsv: the real file's first 60 ham and first 60 spam lines."""
+    lines = SPAM_DATA.read_text(encoding="utf-8").splitlines(keepends=True)
+    sample = ([l for l in lines if l.startswith("ham\t")][:60]
+              + [l for l in lines if l.startswith("spam\t")][:60])
+    (folder / "sample.tsv").write_text("".join(sample), encoding="utf-8")
+
+
+INSTRUCT_DATA = DATA / "instruction-data.json"
+INSTRUCT_TINY = ("--init-from", "scratch", "--n-layer", 2, "--n-head", 4, "--n-embd", 64,
+                 "--data", INSTRUCT_DATA, "--batch-size", 4, "--eval-batches", 1, "--max-new-tokens", 3,
+                 "--lr", 1e-3)
+SAMPLE_PROMPT = "Every effort moves you"
