@@ -223,3 +223,16 @@ def test_compare_positions_writes_the_figure_tables_and_json(tmp_path):
     assert "| | learned | rope |" in table and "| step 6 (end) |" in table
     assert "| 56–63 (past C) |" in table and "training tokens/s" in table
     assert table in r.stdout
+
+
+def test_compare_positions_buckets_average_the_same_tokens(monkeypatch):
+    """The loss by position compares positions, not texts: with each token's loss set to its index in the
+    held-out text, every bucket of every window length has the same mean."""
+    from tools import compare_positions
+
+    held = torch.arange(5000)
+    monkeypatch.setattr(compare_positions, "token_losses", lambda model, wins: wins[:, 1:].float())
+    for length in (32, 64):
+        wins = compare_positions.windows(held, length, 5 + length // 8 - 1, stride=8)
+        means = compare_positions.loss_by_position(None, wins, 8)
+        assert len(means) == length // 8 and len(set(means)) == 1

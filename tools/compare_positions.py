@@ -43,7 +43,7 @@ WEIGHT_DECAY = 0.1  # on the matrices (embeddings included), not on biases and l
 GRAD_CLIP = 1.0
 EVAL_INTERVAL = 20
 VAL_WINDOWS = 16  # held-out windows of C for the validation curve, the same at every evaluation
-LONG_WINDOWS = 48  # held-out windows of 2C and of 4C, C/2 apart, for the loss by position
+LONG_WINDOWS = 48  # windows of 2C and of 4C in each bucket of the loss by position
 SEEDS = (0, 1, 2)
 VAL_FRACTION = 0.1
 THREADS = 1  # steady on shared cores: here 2 threads ran 8x slower whenever anything else ran
@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=LR, help="AdamW's peak learning rate")
     p.add_argument("--eval-interval", type=int, default=EVAL_INTERVAL, help="steps between evaluations")
     p.add_argument("--val-windows", type=int, default=VAL_WINDOWS, help="held-out windows of C")
-    p.add_argument("--long-windows", type=int, default=LONG_WINDOWS, help="held-out windows of 2C and of 4C")
+    p.add_argument("--long-windows", type=int, default=LONG_WINDOWS,
+                   help="held-out windows of 2C and of 4C in each bucket of C/2 positions")
     p.add_argument("--threads", type=int, default=THREADS, help="torch's threads (0: one per core)")
     args = p.parse_args(argv)
     if min(args.steps, args.batch_size, args.context, args.eval_interval, args.val_windows,
@@ -96,14 +97,26 @@ def windows(ids, length, count, stride=None):
 
 
 @torch.no_grad()
-def loss_by_position(model, wins, chunk=8):
-    """The mean cross-entropy at each position of the windows (n, L + 1) -> (L,)."""
+def token_losses(model, wins, chunk=8):
+    """The cross-entropy of predicting each next token of the windows (n, L + 1) -> (n, L)."""
     model.eval()
-    total = torch.zeros(wins.size(1) - 1)
+    losses = []
     for w in wins.split(chunk):
         logits, _ = model(w[:, :-1])
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none").sum(0)
-    return total / len(wins)
+        losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none"))
+    return torch.cat(losses)
+
+
+def loss_by_position(model, wins, width):
+    """The mean loss in each of the n buckets of width positions of windows (count + n - 1, n * width + 1)
+    that start width tokens apart, every bucket over the very same count * width tokens: window i's bucket b
+    holds the tokens of segment i + b, and bucket b averages the count windows that put segments n - 1 ...
+    n + count - 2 there. From bucket to bucket only the position differs (and how much text precedes it)."""
+    n = (wins.size(1) - 1) // width
+    count = len(wins) - n + 1
+    losses = token_losses(model, wins)
+    by_bucket = losses.view(len(losses), n, width).mean(2)  # (windows, n)
+    return [by_bucket[n - 1 - b:n - 1 - b + count, b].mean().item() for b in range(n)]
 
 
 def optimizer(model, args):
@@ -135,7 +148,7 @@ def train(model, train_ids, order, val, args):
     offsets = torch.arange(C + 1)
     for step in range(args.steps + 1):
         if step in evals:
-            curve.append((step, loss_by_position(model, val).mean().item()))
+            curve.append((step, token_losses(model, val).mean().item()))
         if step == args.steps:
             break
         model.train()
@@ -166,11 +179,6 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def buckets(per_position, width):
-    """(L,) losses -> the mean of each bucket of width positions."""
-    return per_position.view(-1, width).mean(1).tolist()
-
-
 def run(args):
     """Every run of every kind -> the results dict that results.json holds."""
     ids, vocab_size = load_ids(args.data)
@@ -178,8 +186,8 @@ def run(args):
     train_ids, held = ids[:split], ids[split:]
     C = args.context
     val = windows(held, C, args.val_windows)
-    # C/2 apart: each bucket of C/2 positions averages nearly the same text (the windows shifted by a bucket)
-    long = {n: windows(held, n * C, args.long_windows, stride=C // 2) for n in (2, 4)}
+    # for the loss by position: 2n buckets of C/2 in windows of nC, each bucket over long_windows windows
+    long = {n: windows(held, n * C, args.long_windows + 2 * n - 1, stride=C // 2) for n in (2, 4)}
     if len(train_ids) < C + 2:
         sys.exit(f"error: the training text has {len(train_ids)} tokens, fewer than a window of {C + 1}")
     runs = {kind: [] for kind in KINDS}
@@ -190,7 +198,7 @@ def run(args):
         for kind, model in pair[::-1] if i % 2 else pair:  # each kind first in turn: the same load on both
             t0 = time.perf_counter()
             curve, tokens_per_s = train(model, train_ids, order, val, args)
-            by_position = {f"{n}C": buckets(loss_by_position(model, w), C // 2) for n, w in long.items()}
+            by_position = {f"{n}C": loss_by_position(model, w, C // 2) for n, w in long.items()}
             runs[kind].append({"seed": seed, "curve": curve, "tokens_per_s": tokens_per_s,
                                "buckets": by_position, "seconds": time.perf_counter() - t0})
             print(f"seed {seed} {kind:7}: validation loss {curve[-1][1]:.3f} after {args.steps} steps, "
