@@ -147,7 +147,7 @@ def test_kv_cache_gives_the_logits_and_tokens_of_recomputing():
         assert torch.equal(out, generate_without_cache(model, prompts, 20, temperature=0))
 
 
-def test_ragged_batch_gives_each_prompt_what_it_gives_alone():
+def test_rope_ragged_batch_gives_each_prompt_what_it_gives_alone():
     """Each left-padded row counts its positions from its first real token (rows 3 and 6 slide past the
     32-token window)."""
     model = rope_model(seed=2, n_ctx=32)
