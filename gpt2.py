@@ -47,6 +47,11 @@ class GPTConfig:
     n_head: int = 12
     n_layer: int = 12
     dropout: float = 0.0
+    positions: str = "learned"  # GPT-2's learned vector per position, or "rope": rotary, see rope()
+
+    def __post_init__(self):
+        if self.positions not in ("learned", "rope"):
+            raise ValueError(f"positions must be 'learned' or 'rope', not {self.positions!r}")
 
     @classmethod
     def from_name(cls, name, **overrides):
@@ -68,6 +73,17 @@ def attention(q, k, v, dropout=0.0, sees=None):
     return F.dropout(att, dropout) @ v, att  # (B, nh, T, hs): a weighted mix of the values; the weights
 
 
+def rope(x, pos):
+    """RoPE: each pair of features (i, i + hs/2) of x (B, nh, T, hs) turned by the angle pos / 10000^(2i/hs)
+    for positions pos (T,) or (B, T). Then q_m · k_n depends on m - n alone: the scores see distance only."""
+    hs = x.size(-1)
+    freq = 1.0 / 10000 ** (torch.arange(0, hs, 2, device=x.device, dtype=torch.float) / hs)  # (hs/2,)
+    angle = pos[..., None].float() * freq  # (T, hs/2) or (B, T, hs/2): fast turns first, slow ones last
+    angle = torch.cat([angle, angle], dim=-1).unsqueeze(-3)  # (1 or B, 1, T, hs): both halves, every head
+    x1, x2 = x.chunk(2, dim=-1)  # GPT-NeoX's, Llama's: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    return x * angle.cos().to(x.dtype) + torch.cat([-x2, x1], dim=-1) * angle.sin().to(x.dtype)
+
+
 class KVCache:  # one layer's keys and values so far: a new token then costs one position of work
     def __init__(self, batch_size, length, config, device, dtype):
         shape = (batch_size, config.n_head, length, config.n_embd // config.n_head)  # room for length
@@ -86,15 +102,18 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.rope = config.positions == "rope"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.keep_weights, self.weights = False, None  # keep_weights: run attention() and keep its weights
 
-    def forward(self, x, cache=None, mask=None):
+    def forward(self, x, cache=None, mask=None, pos=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rope:
+            q, k = rope(q, pos), rope(k, pos)  # (B, nh, T, hs); the cache keeps keys turned
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, S, hs), S = cached + new positions
         dropout = self.dropout if self.training else 0.0
@@ -145,14 +164,13 @@ class Block(nn.Module):  # attention, then feed-forward, each on a layer-normed 
         self.ln_2 = LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(self, x, cache=None, mask=None, pos=None):
+        x = x + self.attn(self.ln_1(x), cache, mask, pos)
         return x + self.mlp(self.ln_2(x))
 
 
 # -----------------------------------------------------------------------------
-# The model: token + position embeddings, n_layer blocks, a final layer norm, and
-# the output head that shares its weights with the token embedding.
+# The model: token (+ position) embeddings, n_layer blocks, a final layer norm, the head tied to wte.
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -161,7 +179,8 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token id -> vector
-            wpe=nn.Embedding(config.n_ctx, config.n_embd),  # position -> vector (learned)
+            # position -> vector (learned); none with RoPE
+            **({"wpe": nn.Embedding(config.n_ctx, config.n_embd)} if config.positions == "learned" else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd),
@@ -197,9 +216,10 @@ class GPT(nn.Module):
             real = (keys >= pad[:, None, None]) | (keys == pos[:, None])  # (B, T, S): a pad sees itself alone
             mask = ((keys <= pos[:, None]) & real).unsqueeze(1)  # (B, 1, T, S), causal too, for every head
             pos = (pos - pad[:, None]).clamp(min=0)  # (B, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        x = self.transformer.drop(x + self.transformer.wpe(pos) if self.config.positions == "learned" else x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None, mask)
+            x = block(x, caches[i] if caches else None, mask, pos)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
