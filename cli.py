@@ -70,6 +70,9 @@ def add_model_args(parser, init_from, dropout=None):
     for flag, what in (("--n-layer", "number of blocks"), ("--n-head", "attention heads"),
                        ("--n-embd", "width")):
         parser.add_argument(flag, type=number(int, 1), help=f"with --init-from scratch: {what}; None: 124M's")
+    parser.add_argument("--positions", choices=["learned", "rope"],
+                        help="with --init-from scratch: GPT-2's learned position vectors or rotary ones "
+                        "(docs/positions.md); None: learned")
     parser.add_argument("--dropout", type=number(float, 0, 1), default=dropout,
                         help="dropout rate while training; None: the model's own (0 for OpenAI's)")
 
@@ -83,6 +86,9 @@ def check_size_args(args):
     if n_embd % n_head:
         raise UserError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head} (the heads "
                         "split the width)")
+    if args.positions == "rope" and n_embd // n_head % 2:
+        raise UserError(f"--positions rope turns pairs of features: --n-embd {n_embd} / --n-head {n_head} "
+                        "must be even")
     config = GPTConfig(n_layer=args.n_layer or GPTConfig.n_layer, n_head=n_head, n_embd=n_embd,
                        n_ctx=args.context_length or GPTConfig.n_ctx)
     check_memory(4 * parameter_count(config), "cpu", "the new model's weights",

@@ -37,8 +37,8 @@ SPLIT = (0.85, 0.10)  # train, test; the remaining 5% is validation (the book's 
 SAMPLE_TOKENS = 35  # length of the answer shown at each evaluation
 OUT_FILES = ("best.pt", "loss.png", "responses.json")  # what a run writes into --out-dir, besides ckpt.pt
 # What --resume cannot change: the model, the data and which examples each step trains on.
-FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "lora_rank",
-                   "lora_alpha", "mask_prompt", "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "positions", "context_length",
+                   "lora_rank", "lora_alpha", "mask_prompt", "batch_size", "seed")
 
 
 def split(entries):

@@ -36,8 +36,8 @@ from trainer import (Task, Trainer, add_training_args, build_model, check_batche
 # what a run writes into its out-dir, besides ckpt.pt
 OUT_FILES = ("classifier.pt", "loss.png", "metrics.json")
 # What --resume cannot change: the model, the data and which messages each step trains on.
-FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "trainable_blocks",
-                   "pool", "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "positions", "context_length",
+                   "trainable_blocks", "pool", "batch_size", "seed")
 
 
 # -----------------------------------------------------------------------------

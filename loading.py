@@ -125,7 +125,7 @@ def load_tokenizer(spec=None):
 
 
 def init_model(init_from, context_length=None, dropout=None, **size):
-    """'scratch' -> a new GPT-2 124M with any of size's n_layer / n_head / n_embd overrides;
+    """'scratch' -> a new GPT-2 124M with any of size's n_layer / n_head / n_embd / positions overrides;
     anything else -> load_model(init_from). context_length shortens the window (a pretrained
     model keeps its first positions), dropout sets the rate; None leaves either as it is."""
     size = {k: v for k, v in size.items() if v is not None}
@@ -137,10 +137,11 @@ def init_model(init_from, context_length=None, dropout=None, **size):
     model = load_model(init_from)
     if not changes:
         return model
-    if changes.get("n_ctx", 0) > model.config.n_ctx:
-        raise UserError(f"--context-length {changes['n_ctx']} is longer than the model's "
-                        f"{model.config.n_ctx}")
+    n_ctx = changes.get("n_ctx", model.config.n_ctx)
+    if n_ctx > model.config.n_ctx:
+        raise UserError(f"--context-length {n_ctx} is longer than {init_from}'s window of "
+                        f"{model.config.n_ctx} positions: pass --context-length {model.config.n_ctx} or less")
     state = model.state_dict()
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: changes.get("n_ctx",
-                                                                                    model.config.n_ctx)]
+    if "transformer.wpe.weight" in state:  # (rotary positions have no table to cut)
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:n_ctx]
     return load_weights(GPT.empty(replace(model.config, **changes)), state, init_from)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, size_name
-from tests.helpers import OPENAI_124M, ROOT, TINY, hf_twin, real_index, tiny_model, write_openai_checkpoint
+from tests.helpers import (OPENAI_124M, ROOT, TINY, generate_without_cache, hf_twin, ragged_prompts,
+                           real_index, tiny_model, write_openai_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -97,14 +98,6 @@ def test_kv_cache_gives_the_logits_of_a_full_forward():
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
 
 
-def generate_without_cache(model, idx, n, temperature=1.0):
-    """The textbook loop: rerun the whole sequence, cropped to the last n_ctx tokens, for every new token."""
-    for _ in range(n):
-        logits, _ = model(idx[:, -model.config.n_ctx:])
-        idx = torch.cat([idx, GPT.sample_next(logits[:, -1], temperature)], dim=1)
-    return idx
-
-
 def test_cached_sampling_equals_recomputing_also_once_the_window_slides():
     model = tiny_model(n_ctx=16)
     prompts = torch.randint(0, TINY["vocab_size"], (2, 5))
@@ -142,11 +135,6 @@ def test_eos_stops_each_row():
     for row, stop in enumerate(stops):
         assert out[row, : 4 + stop].equal(sampled[row, : 4 + stop])
         assert out[row, 4 + stop:].eq(eos).all()
-
-
-def ragged_prompts(lengths, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in lengths]
 
 
 def test_ragged_batch_gives_each_prompt_what_it_gives_alone():

@@ -42,7 +42,8 @@ PROMPT = "Every effort moves you"  # the book's fixed prompt for the samples pri
 SAMPLE_TOKENS = 50
 OUT_FILES = ("best.pt", "loss.png")  # what a run writes into --out-dir, besides ckpt.pt
 # What --resume cannot change: the model, the data and which windows each step trains on.
-FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "context_length", "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "positions", "context_length",
+                   "batch_size", "seed")
 
 
 def parse_args():

@@ -94,6 +94,19 @@ def write_openai_checkpoint(folder, hf, n_ctx, tweak=None):
     return folder
 
 
+def generate_without_cache(model, idx, n, temperature=1.0):
+    """The textbook loop: rerun the whole sequence, cropped to the last n_ctx tokens, for every new token."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.n_ctx:])
+        idx = torch.cat([idx, GPT.sample_next(logits[:, -1], temperature)], dim=1)
+    return idx
+
+
+def ragged_prompts(lengths, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+
+
 # -----------------------------------------------------------------------------
 # Running the scripts.
 

@@ -13,8 +13,7 @@ import torch
 
 import gpt2
 from gpt2 import GPT, GPTConfig, KVCache
-from test_gpt2 import TINY, generate_without_cache, ragged_prompts, tiny_model
-from tests.conftest import DATA, ROOT
+from tests.helpers import DATA, ROOT, TINY, generate_without_cache, ragged_prompts, tiny_model
 
 
 def rope_model(seed=0, **overrides):
