@@ -263,10 +263,12 @@ def test_dl_script_unknown_model(tmp_path, run_main):
 
 def test_dl_captive_portal_page_is_never_kept_nor_skipped(dl_server, tmp_path, run_main):
     """774M publishes no sizes for most of its files: a server answering every request with an HTML page (a
-    captive portal) gets nothing saved, in one line that names the Hub; a page an earlier version kept as
-    `checkpoint` is not taken as complete but fetched again."""
-    dl_server.portal = PORTAL_PAGE
+    captive portal) gets nothing saved, in one line that names the Hub (as a 404 does); a page an earlier
+    version kept as `checkpoint` is not taken as complete but fetched again."""
     args = ["--model", "774M", "--models-dir", tmp_path, "--base-url", dl_server.url]
+    line = one_line_error(run_main("download_weights.py", *args))  # no files there at all: a 404
+    assert "answered HTTP 404 Not Found" in line and line.endswith("--source huggingface")
+    dl_server.portal = PORTAL_PAGE
     line = one_line_error(run_main("download_weights.py", *args))
     assert f"{dl_server.url}/774M/checkpoint answered with an HTML page" in line and "not saved" in line
     assert line.endswith("--source huggingface") and not (tmp_path / "774M").exists()
