@@ -1,6 +1,8 @@
 """Downloads: fetch.download and download_weights.py against a server on 127.0.0.1, and Hugging Face
 GPT-2 folders in and out (download_weights.py --export-hf, the conversion of OpenAI's checkpoint)."""
 
+import errno
+import hashlib
 import json
 import math
 import os
@@ -21,19 +23,31 @@ from fetch import download
 from files import save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
 from tests.helpers import (DATA, OPENAI_124M, ROOT, TINY, free_port, hf_twin, one_line_error, real_index,
-                           run_script, snapshot, tiny_model, write_openai_checkpoint)
+                           reply, run_script, snapshot, tiny_model, write_openai_checkpoint)
 
 # -----------------------------------------------------------------------------
 # download_weights.py and fetch.download, against a server on 127.0.0.1
 
 
 class _DlHandler(BaseHTTPRequestHandler):
-    """Serves server.files {path: bytes}, honouring "Range: bytes=N-" unless server.ignore_range.
-    A path in server.cut_once is sent only half through, once: the connection drops mid-file."""
+    """Serves server.files {path: bytes}, honouring "Range: bytes=N-" unless server.ignore_range, with the
+    headers the Hugging Face Hub sends (huggingface_hub's HEAD request reads X-Repo-Commit, server.commit,
+    and ETag). A path in
+    server.cut_once is sent only half through, once: the connection drops mid-file. server.portal, when set,
+    is an HTML page answered to every request with status 200, as a captive portal does."""
 
     def do_GET(self):
+        self.answer(send_body=True)
+
+    def do_HEAD(self):
+        self.answer(send_body=False)
+
+    def answer(self, send_body):
         srv = self.server
-        srv.requests.append((self.path, self.headers.get("Range")))
+        srv.requests.append((self.path, self.headers.get("Range")) if send_body else ("HEAD", self.path))
+        if srv.portal is not None:
+            reply(self, srv.portal if send_body else b"", content_type="text/html; charset=utf-8")
+            return
         body = srv.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -53,7 +67,11 @@ class _DlHandler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("X-Repo-Commit", srv.commit)
+        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
         self.end_headers()
+        if not send_body:
+            return
         if self.path in srv.cut_once:
             srv.cut_once.discard(self.path)
             self.wfile.write(body[start:start + (len(body) - start) // 2])
@@ -65,9 +83,14 @@ class _DlHandler(BaseHTTPRequestHandler):
         pass
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the revision a test server says it serves
+PORTAL_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Accept the terms</body>"
+
+
 @pytest.fixture
 def dl_server(serve):
-    return serve(_DlHandler, files={}, requests=[], cut_once=set(), ignore_range=False)
+    return serve(_DlHandler, files={}, requests=[], cut_once=set(), ignore_range=False, portal=None,
+                 commit=HUB_COMMIT)
 
 
 @pytest.fixture
@@ -76,13 +99,14 @@ def dl_no_wait(monkeypatch):
 
 
 def _dl_release(size):
-    """The files of a release as the server holds them: the real tokenizer files, and for 124M
-    the real small checkpoint files; for other sizes a tiny real checkpoint (which the download
-    then converts); anything else is made-up bytes."""
-    real = {name: (DATA / "gpt2-124M" / name).read_bytes() for name in ("encoder.json", "vocab.bpe")}
+    """The files of a release as the server holds them: the real tokenizer files, checkpoint list and
+    meta graph, and for 124M the real index and hparams.json; for other sizes a tiny real checkpoint
+    (which the download then converts); anything else (124M's data file) is made-up bytes."""
+    real = {name: (DATA / "gpt2-124M" / name).read_bytes()
+            for name in ("encoder.json", "vocab.bpe", "checkpoint", "model.ckpt.meta")}
     if size == "124M":
         real |= {name: (DATA / "gpt2-124M" / name).read_bytes()
-                 for name in ("checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.meta")}
+                 for name in ("hparams.json", "model.ckpt.index")}
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tiny = write_openai_checkpoint(Path(tmp), hf_twin(tiny_model()), n_ctx=TINY["n_ctx"])
@@ -223,12 +247,122 @@ def test_dl_script_unreachable_server(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not download") and "check your connection" in last
+    assert last.endswith("or fetch the same weights from the Hugging Face Hub: --source huggingface")
     assert not list(tmp_path.rglob("checkpoint*"))
 
 
-def test_dl_script_unknown_model(tmp_path):
-    r = run_script("download_weights.py", "--model", "gpt3", "--models-dir", tmp_path)
-    assert r.returncode == 1 and "unknown model size 'gpt3'" in r.stderr and "Traceback" not in r.stderr
+def test_dl_script_unknown_model(tmp_path, run_main):
+    """An unknown size is a bad flag like any other: exit 2, before any work."""
+    for name in ("gpt3", "999M"):
+        line = one_line_error(run_main("download_weights.py", "--model", name, "--models-dir", tmp_path),
+                              code=2)
+        assert f"argument --model: invalid choice: '{name}'" in line and "'gpt2-medium'" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_dl_captive_portal_page_is_never_kept_nor_skipped(dl_server, tmp_path, run_main):
+    """774M publishes no sizes for most of its files: a server answering every request with an HTML page (a
+    captive portal) gets nothing saved, in one line that names the Hub (as a 404 does); a page an earlier
+    version kept as `checkpoint` is not taken as complete but fetched again."""
+    args = ["--model", "774M", "--models-dir", tmp_path, "--base-url", dl_server.url]
+    line = one_line_error(run_main("download_weights.py", *args))  # no files there at all: a 404
+    assert "answered HTTP 404 Not Found" in line and line.endswith("--source huggingface")
+    dl_server.portal = PORTAL_PAGE
+    line = one_line_error(run_main("download_weights.py", *args))
+    assert f"{dl_server.url}/774M/checkpoint answered with an HTML page" in line and "not saved" in line
+    assert line.endswith("--source huggingface") and not (tmp_path / "774M").exists()
+    (tmp_path / "774M").mkdir()
+    (tmp_path / "774M" / "checkpoint").write_bytes(PORTAL_PAGE)
+    dl_server.portal, dl_server.files = None, _dl_release("774M")
+    r = run_main("download_weights.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / '774M' / 'checkpoint'}: an HTML page" in r.stdout
+    assert "downloading it again" in r.stdout
+    assert (tmp_path / "774M" / "checkpoint").read_bytes() == dl_server.files["/774M/checkpoint"]
+
+
+def test_dl_each_file_is_checked_for_what_it_must_hold(tmp_path):
+    """The real files pass; each broken one is named for what it lacks, before it is renamed into place or
+    skipped as complete."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3, 4)}, tmp_path / "model.safetensors")
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    real = {name: (OPENAI_124M / name).read_bytes() for name in download_weights.FILES
+            if (OPENAI_124M / name).exists()} | {"model.safetensors": whole}
+    broken = {"checkpoint": (b"model_checkpoint_path: \"other.ckpt\"\n", "no TensorFlow checkpoint list"),
+              "encoder.json": (b"[1, 2]", "JSON without GPT-2's tokens"),
+              "hparams.json": (b'{"n_vocab": 50257', "holds no GPT-2 config"),
+              "model.ckpt.index": (real["model.ckpt.index"][:-8], "no TensorFlow checkpoint index"),
+              "vocab.bpe": ("Ġ t\n".encode(), "no BPE merges"),
+              "model.safetensors": (whole[:-4], "incomplete")}
+    for name, body in real.items():
+        (tmp_path / name).write_bytes(body)
+        assert download_weights.what_is_wrong(str(tmp_path / name)) is None, name
+        (tmp_path / name).write_bytes(PORTAL_PAGE)
+        assert download_weights.what_is_wrong(str(tmp_path / name)).startswith("an HTML page"), name
+    for name, (body, said) in broken.items():
+        (tmp_path / name).write_bytes(body)
+        assert said in download_weights.what_is_wrong(str(tmp_path / name)), name
+
+
+def test_dl_a_file_that_is_not_what_it_must_be_is_not_saved(dl_server, dl_no_wait, tmp_path):
+    """774M's index (no published size) served whole but cut short by the server itself: one line, no
+    model.ckpt.index and no .part left."""
+    dl_server.files = _dl_release("774M")
+    dl_server.files["/774M/model.ckpt.index"] = dl_server.files["/774M/model.ckpt.index"][:-100]
+    line = one_line_error(run_script("download_weights.py", "--model", "774M", "--models-dir", tmp_path,
+                                     "--base-url", dl_server.url))
+    assert f"{dl_server.url}/774M/model.ckpt.index sent no TensorFlow checkpoint index" in line
+    assert not list((tmp_path / "774M").glob("model.ckpt.index*"))
+
+
+def test_dl_full_disk_stops_at_once_keeping_the_part(dl_server, dl_no_wait, tmp_path, monkeypatch):
+    """A disk that fills up 100 kB into a download: one line naming the .part, no retry (it is no connection
+    problem), and the .part kept: the next run resumes from it."""
+    body, dest = os.urandom(300_000), tmp_path / "f"
+    dl_server.files = {"/f": body}
+    real_open = open
+
+    class FillingUp:  # a file on a disk with 100 kB left
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if self.f.tell() + len(data) > 100_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(fetch, "open", lambda path, *a, **k: FillingUp(real_open(path, *a, **k))
+                        if str(path).endswith(".part") else real_open(path, *a, **k), raising=False)
+    with pytest.raises(UserError) as e:
+        download(dl_server.url + "/f", str(dest))
+    kept = os.path.getsize(f"{dest}.part")
+    assert str(e.value) == (f"the disk is full: {dest}.part could not be written ({kept:,} bytes kept); "
+                            "free some space and run again: the download resumes")
+    assert 0 < kept <= 100_000 and len(dl_server.requests) == 1 and not dest.exists()
+    monkeypatch.undo()
+    download(dl_server.url + "/f", str(dest))
+    assert dest.read_bytes() == body and dl_server.requests[-1] == ("/f", f"bytes={kept}-")
+
+
+def test_dl_read_only_models_folder_is_one_line_before_any_request(dl_server, tmp_path, monkeypatch,
+                                                                   run_main):
+    # root writes anywhere: the read-only file system is simulated where the folder is first written
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")) if ".write-test-" in str(path)
+        else real_open(path, *a, **k))
+    for source in ("openai", "huggingface"):
+        line = one_line_error(run_main("download_weights.py", "--models-dir", tmp_path / "models", "--source",
+                                       source, "--base-url", dl_server.url))
+        assert f"cannot write to {tmp_path / 'models' / '124M'} (Read-only file system)" in line
+    assert dl_server.requests == [] and not (tmp_path / "models" / "124M").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -341,6 +475,43 @@ def test_hf_bad_files_are_one_clear_line(tmp_path, run_main):
     assert "not weights of shape" in line
     line, _ = broken("noconfig", config={"n_positions": None, "n_layer": "two"})
     assert "config.json holds no GPT-2 config" in line
+
+
+def test_hf_export_full_disk_keeps_the_earlier_export(tmp_path, run_main, monkeypatch):
+    """--export-hf --overwrite onto an earlier export when the disk fills up half way through
+    model.safetensors: one line naming the folder, and the earlier export byte for byte, no temporary file."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    for seed, name in ((3, "a.pt"), (4, "b.pt")):
+        save_atomic(tiny_model(seed=seed).checkpoint(), str(tmp_path / name))
+    out = tmp_path / "hf"
+    assert run_main("download_weights.py", "--export-hf", tmp_path / "a.pt", out).returncode == 0
+    before = snapshot(out)
+    real = safetensors.torch.save_file
+
+    def fills_up(tensors, path, metadata=None):  # as safetensors reports the OS's ENOSPC
+        real(tensors, path, metadata=metadata)
+        os.truncate(path, os.path.getsize(path) // 2)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up)
+    line = one_line_error(run_main("download_weights.py", "--export-hf", tmp_path / "b.pt", out,
+                                   "--overwrite"))
+    assert f"the disk is full: {out} could not be written (nothing was replaced)" in line
+    assert snapshot(out) == before
+    line = one_line_error(run_main("download_weights.py", "--export-hf", tmp_path / "b.pt", tmp_path / "new"))
+    assert "the disk is full" in line and not (tmp_path / "new").exists()  # no empty folder left either
+
+
+def test_hf_folder_without_config_json_says_what_it_needs(tmp_path, run_main):
+    save_atomic(tiny_model().checkpoint(), str(tmp_path / "tiny.pt"))
+    assert run_main("download_weights.py", "--export-hf", tmp_path / "tiny.pt", tmp_path / "hf").returncode \
+           == 0
+    (tmp_path / "hf" / "config.json").unlink()
+    line = one_line_error(run_main("download_weights.py", "--export-hf", tmp_path / "hf", tmp_path / "out"))
+    assert f"{tmp_path / 'hf' / 'config.json'} not found: a Hugging Face folder needs the config.json that " \
+           "came with its model.safetensors" in line and "--source huggingface" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_download_leaves_no_empty_model_folder(tmp_path):

@@ -101,3 +101,6 @@ def test_rotary_positions_train_resume_and_sample(tmp_path):
     line = one_line_error(run_script("train.py", *args, "--max-iters", 6, "--resume", "--positions",
                                      "learned"))
     assert "--positions learned differs from the checkpoint's rope" in line
+    line = one_line_error(run_script("download_weights.py", "--export-hf", out / "best.pt", tmp_path / "hf"))
+    assert "has rotary positions, which GPT-2's Hugging Face format cannot hold" in line
+    assert not (tmp_path / "hf").exists()
