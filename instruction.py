@@ -1,15 +1,24 @@
 """Supervised fine-tuning on prompts and answers: the Alpaca prompt an instruction-tuned model reads before
-it answers, the entries' file, batches whose loss covers the answers, and greedy answers in batches.
-finetune_instruct.py, the judge and sample.py --instruction use it."""
+it answers, the entries' file and its split, batches whose loss covers the answers, the training of
+finetune_instruct.py and finetune_summarize.py (full or LoRA) and their answers in batches. The judge and
+sample.py --instruction use it too."""
 
+import copy
 import json
 import os
+import sys
 
 import torch
 
+from cli import progress_bar
+from devices import check_training_memory
 from errors import UserError
+from gpt2 import GPT
+from lora import add_lora, merge_lora
+from trainer import Task, Trainer, check_batches, configure_optimizer, micro_batches
 
 IGNORE = -100  # target id that cross_entropy skips
+SPLIT = (0.85, 0.10)  # train, test; the remaining 5% is validation (the book's split, in file order)
 
 
 def format_prompt(entry):
@@ -37,6 +46,15 @@ def load_entries(path, required=("instruction", "output")):
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in fields):
             raise UserError(f"{path}: entry {i} needs the string fields {', '.join(fields)}")
     return entries
+
+
+def split(entries):
+    """The book's split, in file order: the first 85% train, the next 10% test, the last 5% validation."""
+    n_train, n_test = int(len(entries) * SPLIT[0]), int(len(entries) * SPLIT[1])
+    train, test, val = entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
+    if not (train and val and test):
+        raise UserError(f"{len(entries)} entries are too few to split into train, validation and test")
+    return train, val, test
 
 
 def encode(tokenizer, prompt, answer):
@@ -84,3 +102,69 @@ def respond(model, tokenizer, prompts, max_new_tokens, **sampling):
     model.train(was_training)
     return [tokenizer.decode([t for t in out[len(p):] if t != tokenizer.eot_id]).strip()
             for p, out in zip(ids, outs)]
+
+
+def answer_all(model, tokenizer, prompts, args, autocast, desc, **sampling):
+    """respond() to the prompts, --batch-size at a time (each step of a batch reads the weights once for all
+    its rows), each answer at most --max-new-tokens long."""
+    answers = []
+    for i in progress_bar(range(0, len(prompts), args.batch_size), desc=desc, unit="batch"):
+        with autocast:
+            answers += respond(model, tokenizer, prompts[i:i + args.batch_size], args.max_new_tokens, **sampling)
+    return answers
+
+
+# -----------------------------------------------------------------------------
+# Training on answers: the model full or with LoRA, trainer.py's loop, the best model back from best.pt.
+
+
+def with_lora(args):
+    """The scripts' adaptation of the model: LoRA's low-rank matrices where --lora-rank asks for them."""
+    def adapt(model):
+        if not args.lora_rank:
+            return model
+        if args.lora_rank > model.config.n_embd:
+            raise UserError(f"--lora-rank {args.lora_rank} is above the model's width {model.config.n_embd}: "
+                            "a rank past it adds nothing but memory (LoRA's ranks are 4 to 64)")
+        return add_lora(model, args.lora_rank, args.lora_alpha)
+    return adapt
+
+
+def train_on_answers(args, ckpt, model, tokenizer, data, sample, mask_prompt, device):
+    """Fine-tune model (build_model's, with with_lora's adaptation) on data, {"train": [(ids, prompt_len),
+    ...], "val": [...]}, in trainer.py's loop: the loss on the answers (only, with mask_prompt), best.pt a
+    plain GPT checkpoint (LoRA merged into the weights it changes), sample() printed at each evaluation.
+    Ctrl-C saves ckpt.pt and exits 130. -> the best model, read back from best.pt."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+          + (f", LoRA rank {args.lora_rank} alpha {args.lora_alpha}" if args.lora_rank
+             else ", full fine-tuning"))
+    max_length = model.config.n_ctx  # (--context-length cut the model's window to it)
+
+    def make_batch(rows):
+        return tuple(t.to(device) for t in collate(rows, tokenizer.eot_id, mask_prompt, max_length))
+
+    steps_per_epoch = check_batches(args, len(data["train"]), "examples")
+    longest = min(max(len(ids) for ids, _ in data["train"]), max_length)
+    check_training_memory(model, args.batch_size // args.grad_accum * longest, args.dtype, device)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, args.beta2))
+    trained = torch.compile(model) if args.compile else model
+
+    def batches(step):
+        return micro_batches(data["train"], step, args, make_batch)
+
+    def evaluate():
+        return {name: mean_loss(trained, data[name], args.batch_size, args.eval_batches, make_batch, device)
+                for name in ("train", "val")}
+
+    def best():
+        return (merge_lora(copy.deepcopy(model)) if args.lora_rank else model).checkpoint(args=vars(args))
+
+    task = Task(model, batches, evaluate, best, steps_per_epoch, model=trained, sample=sample)
+    progress = Trainer(args, task, optimizer, ckpt).fit()
+    if progress["stopped"]:
+        sys.exit(130)
+    best_path = os.path.join(args.out_dir, "best.pt")
+    print(f"best val loss {progress['best_val']:.3f}: saved {best_path}")
+    return GPT.from_pretrained(best_path).to(device)  # what comes next comes from the saved, best weights
