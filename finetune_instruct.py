@@ -18,8 +18,8 @@ from devices import pick_device, precision
 from errors import UserError, run
 from fetch import ensure_file
 from files import write_json
-from instruction import (answer_all, encode, format_prompt, load_entries, respond, split, train_on_answers,
-                         with_lora)
+from instruction import (add_lora_args, answer_all, encode, format_prompt, load_entries, respond, split,
+                         train_on_answers, with_lora)
 from judge import add_judge_args, score_responses
 from loading import load_tokenizer
 from trainer import add_training_args, build_model, start_run
@@ -76,10 +76,7 @@ def main():
                    help="JSON list of {instruction, input, output}; downloaded when it is the "
                    "default and missing")
     add_model_args(p, "gpt2-medium")
-    p.add_argument("--lora-rank", type=number(int, 0), default=0,
-                   help="0 trains every weight; >0 trains only LoRA matrices of this rank")
-    p.add_argument("--lora-alpha", type=number(float, 0), default=16.0,
-                   help="LoRA scale: the update is multiplied by alpha / rank")
+    add_lora_args(p)
     p.add_argument("--mask-prompt", action="store_true", help="compute the loss on the responses only")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256,
                    help="longest answer to the test instructions")

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from cli import progress_bar
+from cli import number, progress_bar
 from devices import check_training_memory
 from errors import UserError
 from gpt2 import GPT
@@ -116,6 +116,14 @@ def answer_all(model, tokenizer, prompts, args, autocast, desc, **sampling):
 
 # -----------------------------------------------------------------------------
 # Training on answers: the model full or with LoRA, trainer.py's loop, the best model back from best.pt.
+
+
+def add_lora_args(parser):
+    """The fine-tuning scripts' LoRA flags."""
+    parser.add_argument("--lora-rank", type=number(int, 0), default=0,
+                        help="0 trains every weight; >0 trains only LoRA matrices of this rank")
+    parser.add_argument("--lora-alpha", type=number(float, 0), default=16.0,
+                        help="LoRA scale: the update is multiplied by alpha / rank")
 
 
 def with_lora(args):

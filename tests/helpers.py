@@ -1,7 +1,7 @@
 """What the tests share: where the real data is, tiny models and their transformers twin, OpenAI-layout
 checkpoints written with TensorFlow, running a script as a user would (run_script), a reply of a local HTTP
-server, and the checks of bad input: one line, no traceback, the files that were there left as they were.
-The fixtures (run_main, serve) are in conftest.py."""
+server, a fake Ollama judge, and the checks of bad input: one line, no traceback, the files that were there
+left as they were. The fixtures (run_main, serve) are in conftest.py."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import torch
@@ -132,6 +133,25 @@ def reply(handler, body, status=200, content_type="application/octet-stream"):
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+class FakeOllama(BaseHTTPRequestHandler):
+    """POST /api/chat -> {"message": {"role": "assistant", "content": next reply}, "done": true};
+    a model other than the server's gets Ollama's 404 {"error": "model '...' not found"}."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server = self.server
+        server.requests.append((self.path, body))
+        if body["model"] != server.model:
+            status, answer = 404, {"error": f"model '{body['model']}' not found"}
+        else:
+            status, answer = 200, {"model": server.model, "done": True,
+                                   "message": {"role": "assistant", "content": server.replies.pop(0)}}
+        reply(self, json.dumps(answer).encode(), status, "application/json")
+
+    def log_message(self, *args):
+        pass
 
 
 # Off the happy path: every bad input is one line (exit 1; 2 for a flag argparse rejects), no

@@ -12,7 +12,7 @@ from gpt2 import GPT, GPTConfig, Tokenizer
 from instruction import IGNORE, collate, encode, format_prompt, load_entries
 from judge import JUDGE_RETRIES
 from lora import LoRALinear, add_lora, merge_lora
-from tests.helpers import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, assert_bitwise_equal, free_port,
+from tests.helpers import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, FakeOllama, assert_bitwise_equal, free_port,
                            one_line_error, reply, run_script, stop_then_resume, tiny_model)
 from trainer import configure_optimizer
 
@@ -231,28 +231,9 @@ def test_instruct_malformed_data_names_the_entry(tmp_path):
 # The judge, against a fake Ollama server on 127.0.0.1 that speaks /api/chat.
 
 
-class InstructFakeOllama(BaseHTTPRequestHandler):
-    """POST /api/chat -> {"message": {"role": "assistant", "content": next reply}, "done": true};
-    a model other than the server's gets Ollama's 404 {"error": "model '...' not found"}."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        server = self.server
-        server.requests.append((self.path, body))
-        if body["model"] != server.model:
-            status, answer = 404, {"error": f"model '{body['model']}' not found"}
-        else:
-            status, answer = 200, {"model": server.model, "done": True,
-                                   "message": {"role": "assistant", "content": server.replies.pop(0)}}
-        reply(self, json.dumps(answer).encode(), status, "application/json")
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def instruct_ollama(serve):
-    return serve(InstructFakeOllama, model="llama3", replies=[], requests=[])
+    return serve(FakeOllama, model="llama3", replies=[], requests=[])
 
 
 def instruct_responses(tmp_path, n):
