@@ -258,6 +258,9 @@ def export_hf(spec, out, overwrite):
     if model.config.positions != "learned":
         raise UserError(f"{spec} has rotary positions, which GPT-2's Hugging Face format cannot hold (it "
                         "learns a vector per position): it runs here, with sample.py")
+    if not model.config.tied_head:
+        raise UserError(f"{spec} has an output head of its own (train.py --init book), where GPT-2's reuses "
+                        "the token embedding: it runs here, with sample.py")
     write_hf(model, out, tokenizer_from=source if os.path.isdir(source) else None)
     print(f"{out}: a Hugging Face GPT-2 folder; "
           f"transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")
