@@ -25,7 +25,7 @@ from files import write_json
 from gpt2 import GPT
 from instruction import collate, encode, format_prompt, load_entries, mean_loss, respond
 from judge import add_judge_args, score_responses
-from loading import load_tokenizer
+from loading import check_prerequisites, load_tokenizer
 from lora import add_lora, merge_lora
 from trainer import (Task, Trainer, add_training_args, build_model, check_batches, configure_optimizer,
                      micro_batches, start_run)
@@ -159,6 +159,7 @@ def main():
     if args.judge:
         score_responses(args)
         return
+    check_prerequisites(args.init_from, args.data, DATA)
     args, ckpt = start_run(p, args, OUT_FILES, FIXED_ON_RESUME)
     finetune(args, ckpt)
 

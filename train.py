@@ -30,7 +30,7 @@ from corpus import WORKERS, load_tokens
 from devices import check_training_memory, pick_device, precision
 from errors import UserError, run
 from fetch import ensure_file
-from loading import load_tokenizer
+from loading import check_prerequisites, load_tokenizer
 from trainer import Task, Trainer, add_training_args, build_model, check_batches, configure_optimizer, \
     micro_batches, start_run
 
@@ -78,6 +78,7 @@ def parse_args():
     check_size_args(args)
     if args.eval_only or args.prepare_only:
         return args, None
+    check_prerequisites(args.init_from, args.data, DEFAULT_DATA)
     return start_run(parser, args, OUT_FILES, FIXED_ON_RESUME)
 
 

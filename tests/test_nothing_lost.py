@@ -232,3 +232,13 @@ def test_a_second_judge_of_the_same_file_is_refused(tmp_path, serve):
         assert "is being written by a run that has not ended" in line
     finally:
         held.release()
+
+
+def test_every_missing_prerequisite_is_named_at_once(tmp_path, monkeypatch, run_main):
+    monkeypatch.chdir(tmp_path)  # no models/, no data/
+    line = one_line_error(run_main("finetune_spam.py", "--init-from", "gpt2"))
+    assert "this run needs GPT-2 124M's weights in models/124M (python download_weights.py --model 124M)" \
+           in line and "and data/sms-spam/SMSSpamCollection (downloaded on first use" in line
+    line = one_line_error(run_main("finetune_instruct.py", "--data", "mine.json"))
+    assert "GPT-2 355M's weights in models/355M" in line and "and --data mine.json (not found)" in line
+    assert os.listdir(tmp_path) == []
