@@ -57,12 +57,18 @@ def in_out_layout(model):
             p.data = p.data.t().contiguous().t()
     return model
 
+QUICK = dict(n_layer=2, n_head=4, n_embd=64, batch_size=2, seq_len=16, prompt_len=8, new_tokens=12,
+             batch_new_tokens=4, prefill=32, reps=1, warmup=0)  # --quick's sizes
+
+
 def make_models(n_layer, n_head, n_embd, seed):
     """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel). Ours is
     laid out as from_pretrained leaves any file (load_weights), as a user who loads weights has it."""
     # imported late: gpt2.py's loading row must not carry it
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    transformers.logging.set_verbosity_error()  # its notes on our flags would land among the rows
     torch.manual_seed(seed)
     fresh = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
     ours = load_weights(GPT.empty(fresh.config), fresh.state_dict(), "random weights").eval()
@@ -377,7 +383,12 @@ def main():
                    "--shakespeare")
     p.add_argument("--verdict", default="data/the-verdict.txt", help="the text of the book's run")
     p.add_argument("--shakespeare", default="data/tinyshakespeare.txt", help="Tiny Shakespeare's text")
+    p.add_argument("--quick", action="store_true",
+                   help="every row on a 2-layer model of width 64, timed once: a look in under a minute, "
+                   "not figures to compare")
     args = p.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
     args.device = pick_device(args.device)
     if args.runs:
         return whole_runs(args)

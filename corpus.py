@@ -19,6 +19,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -47,6 +48,9 @@ def text_files(path):
         if not files:
             raise UserError(f"no .txt files in {path}: --data takes a text file or a folder of .txt files")
         for f in files:
+            if os.path.exists(f) and not os.path.isfile(f):
+                raise UserError(f"{f} is not a regular file (a device, a pipe or a socket): remove it from "
+                                f"{path}, or rename it so that it does not end in .txt")
             if not os.path.isfile(f):
                 raise UserError(f"{f} is a link to nothing: remove it, or point it at a text file")
         links = [os.path.join(folder, d) for folder, dirs, _ in walk for d in dirs
@@ -56,6 +60,9 @@ def text_files(path):
                   + (", ..." if len(links) > 3 else ""),
                   file=sys.stderr)
         return files
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{path} is not a regular file (a device, a pipe or a socket): --data takes a text "
+                        "file or a folder of .txt files")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: --data takes a text file or a folder of .txt files")
     return [path]
@@ -246,6 +253,12 @@ class ShardWriter:
             self.sizes[-1] += n
             ids = ids[n:]
 
+    def discard(self):
+        """Remove the shards written so far: the cache stays as it was."""
+        for i in self.written:
+            if os.path.exists(self.temporary(i)):
+                os.remove(self.temporary(i))
+
     def replace_shards(self):
         """Every shard written, renamed into place (a run that has the old one mapped keeps reading it)."""
         for i in self.written:
@@ -278,14 +291,20 @@ def prepare(files, sources, cache, old, keep, tokenizer, workers):
     t0, total = time.time(), sum(f["bytes"] for f in sources["files"][keep:])
     # no more than there are pieces: one file of 20 kB needs none
     workers = min(workers, 1 + total // CHUNK_CHARS)
-    with progress_bar(total=total, unit="B", unit_scale=True, desc="tokenizing", delay=1) as bar:
-        for (n, last), (ids, size) in encode_in_order(tokenizer, read_pieces(files[keep:]), workers):
-            writer.write(ids)
-            counts[keep + n] += len(ids)
-            if last and sources["separator"]:
-                writer.write(eot)
-                counts[keep + n] += 1
-            bar.update(size)
+    try:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc="tokenizing", delay=1) as bar:
+            for (n, last), (ids, size) in encode_in_order(tokenizer, read_pieces(files[keep:]), workers):
+                writer.write(ids)
+                counts[keep + n] += len(ids)
+                if last and sources["separator"]:
+                    writer.write(eot)
+                    counts[keep + n] += 1
+                bar.update(size)
+    except OSError as e:  # numpy says a full disk as "N requested and M written"
+        writer.discard()
+        free = shutil.disk_usage(cache).free
+        raise UserError(f"cannot write the token cache {cache} ({e}): its disk has {free / 2**20:,.0f} MB "
+                        "free; free some space, or put --data on another disk, and run again") from None
     manifest = {**sources, "files": [{**f, "tokens": c} for f, c in zip(sources["files"], counts)],
                 "shards": writer.sizes, "tokens": sum(counts)}
     if os.path.exists(os.path.join(cache, "manifest.json")):

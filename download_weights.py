@@ -187,11 +187,12 @@ def fetch_openai(size, folder, base_url):
     sizes = {**SAME_FOR_ALL, **PUBLISHED[size]}
     elsewhere = "; or fetch the same weights from the Hugging Face Hub: --source huggingface"
     fetched = False  # new TensorFlow files: any conversion there is of older ones
-    for name in FILES:
+    for n, name in enumerate(FILES):
         dest = os.path.join(folder, name)
         if not present(dest, name, sizes.get(name)):
+            left = f" ({len(FILES) - n} of the {len(FILES)} files are still to fetch: {', '.join(FILES[n:])})"
             download(f"{base_url.rstrip('/')}/{size}/{name}", dest, size=sizes.get(name),
-                     check=lambda path, name=name: what_is_wrong(path, name), elsewhere=elsewhere)
+                     check=lambda path, name=name: what_is_wrong(path, name), elsewhere=left + elsewhere)
             fetched = True
     if fetched or not converted(folder):
         convert(folder)
@@ -258,6 +259,9 @@ def export_hf(spec, out, overwrite):
     if model.config.positions != "learned":
         raise UserError(f"{spec} has rotary positions, which GPT-2's Hugging Face format cannot hold (it "
                         "learns a vector per position): it runs here, with sample.py")
+    if not model.config.tied_head:
+        raise UserError(f"{spec} has an output head of its own (train.py --init book), where GPT-2's reuses "
+                        "the token embedding: it runs here, with sample.py")
     write_hf(model, out, tokenizer_from=source if os.path.isdir(source) else None)
     print(f"{out}: a Hugging Face GPT-2 folder; "
           f"transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")

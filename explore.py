@@ -1,7 +1,6 @@
 """Look inside a GPT-2: its weights, its attention, its token embeddings and its predictions.
 
-    python explore.py --model ../shared/data/gpt2-124M --weights      # OpenAI's 124M layer by layer
-                                                                      # (the index is enough)
+    python explore.py --model models/124M --weights     # OpenAI's 124M layer by layer (the index is enough)
     python explore.py --model out/best.pt --attention "To be, or not to be" --layer 1 --head 2
     python explore.py --model gpt2 --neighbors king --analogy "king - man + woman"
     python explore.py --model gpt2 --words king queen man woman Paris London France England
@@ -10,7 +9,7 @@
 
 --model is what sample.py takes: a size name (weights from download_weights.py), an OpenAI
 model folder or a .pt of this project. Each view prints a short summary; the pictures
-(attention heatmaps, a 2-D map of word embeddings, surprisal per token) go into --out.
+(attention heatmaps, a 2-D map of word embeddings, surprisal per token) go into --out-dir.
 A word (--neighbors, --analogy, --words) is read as it appears after a space in running text
 (' king'), and must be a single token.
 """
@@ -66,12 +65,14 @@ def index_tensors(folder):
 
 
 def model_tensors(spec):
-    """[(our name, shape, OpenAI's shape or None)] of every tensor of --model, the tied output head once.
+    """[(our name, shape, OpenAI's shape)] of every tensor of --model, the tied output head once.
     An OpenAI folder (or a size name's) is read from its index, with its shapes; anything else is loaded."""
     folder = model_path(spec)
     if os.path.isfile(os.path.join(folder, "model.ckpt.index")):
         return index_tensors(folder)
-    return [(name, tuple(p.shape), None) for name, p in load_model(spec, reads_text=False).named_parameters()]
+    # OpenAI stores the blocks' linear layers as 1x1 convolutions, (1, in, out); the rest as we do
+    return [(name, tuple(p.shape), (1, *p.shape[::-1]) if name.endswith(GPT.CONV1D) else tuple(p.shape))
+            for name, p in load_model(spec, reads_text=False).named_parameters()]
 
 
 def group(name):
@@ -90,7 +91,7 @@ def show_weights(spec):
         n = math.prod(shape)
         totals[group(name)] = totals.get(group(name), 0) + n
         print(f"{name:<40} {GPT.openai_name(name):<28} {'x'.join(map(str, shape)):>10} "
-              f"{'x'.join(map(str, theirs)) if theirs else '-':>12} {n:>12,}")
+              f"{'x'.join(map(str, theirs)):>12} {n:>12,}")
     print("\nper block (and the embeddings, the final layer norm):")
     for name, n in totals.items():
         print(f"  {name:<12} {n:>12,}")

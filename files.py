@@ -4,6 +4,7 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 from glob import escape, glob
 
 import torch
@@ -26,8 +27,17 @@ def replaced(path):
 
 
 def save_atomic(obj, path):
-    with replaced(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save into path, whole or not at all; a disk that fills up midway is one line, the earlier file
+    kept."""
+    try:
+        with replaced(path) as tmp:
+            torch.save(obj, tmp)
+    except RuntimeError as e:  # torch's word for any failed write: "PytorchStreamWriter failed writing ..."
+        if "writ" not in str(e):
+            raise
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free
+        raise UserError(f"cannot write {path} ({' '.join(str(e).split())}): its disk has {free / 2**20:,.0f} "
+                        "MB free; free some space (the file there before is kept) and run again") from None
 
 
 def write_json(obj, path):
@@ -68,6 +78,19 @@ def read_checkpoint(path, what, missing, needs=("config", "model"), mmap=False):
     except Exception:
         raise UserError(f"{path} is not {what} of this project") from None
     return ckpt
+
+
+def lock_file(path):
+    """One process at a time writes path (the judge's scores): a second gets one line."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"{path} is being written by a run that has not ended: wait for it, or score a "
+                        "copy") from None
+    LOCKS.append(lock)
 
 
 LOCKS, LOCKED = [], []  # held until the process ends (the kernel lets go even after a kill -9); their folders

@@ -21,7 +21,7 @@ from files import write_json
 from instruction import (add_lora_args, answer_all, encode, format_prompt, load_entries, respond, split,
                          train_on_answers, with_lora)
 from judge import add_judge_args, score_responses
-from loading import load_tokenizer
+from loading import check_prerequisites, load_tokenizer
 from trainer import add_training_args, build_model, start_run
 
 DATA = "data/instruction-data.json"
@@ -89,6 +89,7 @@ def main():
     if args.judge:
         score_responses(args)
         return
+    check_prerequisites(args.init_from, args.data, DATA)
     args, ckpt = start_run(p, args, OUT_FILES, FIXED_ON_RESUME)
     finetune(args, ckpt)
 

@@ -28,7 +28,7 @@ from devices import check_training_memory, pick_device, precision
 from errors import UserError, run
 from files import read_checkpoint, write_json
 from gpt2 import GPT, GPTConfig, load_weights
-from loading import load_tokenizer
+from loading import check_prerequisites, load_tokenizer
 from sms_spam import DATA_FILE, LABELS, balanced_split, load_data, write_split
 from trainer import (Task, Trainer, add_training_args, build_model, check_batches, configure_optimizer,
                      micro_batches, start_run)
@@ -206,6 +206,7 @@ def main():
     if args.classify is not None:
         classify_text(args)
         return
+    check_prerequisites(args.init_from, args.data, DATA_FILE)
     args, ckpt = start_run(p, args, OUT_FILES, FIXED_ON_RESUME)
     device = pick_device(args.device)
     report = fine_tune(args, ckpt, load_tokenizer(args.init_from), device, precision(args.dtype, device))

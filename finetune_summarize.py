@@ -49,12 +49,13 @@ def tldr_prompt(record):
     """What the model reads before its summary: OpenAI's TL;DR query, or a document and "TL;DR:"."""
     if "document" in record:
         return f"{record['document']}\n\nTL;DR:"
-    return f"SUBREDDIT: r/{record['subreddit']}\n\nTITLE: {record['title']}\n\nPOST: {record['post']}\n\nTL;DR:"
+    return (f"SUBREDDIT: r/{record['subreddit']}\n\nTITLE: {record['title']}\n\n"
+            f"POST: {record['post']}\n\nTL;DR:")
 
 
 def target(record):
-    """What the model learns to write after the prompt (and <|endoftext|>): the summary after a space, as OpenAI
-    formats it (" {reference}": the file's summaries do not begin with one)."""
+    """What the model learns to write after the prompt (and <|endoftext|>): the summary after a space, as
+    OpenAI formats it (" {reference}": the file's summaries do not begin with one)."""
     return " " + record["summary"].strip()
 
 
@@ -63,8 +64,8 @@ def check_record(record, where):
         raise UserError(f"{where}: not a JSON object")
     for field in ("document", "summary") if "document" in record else TLDR_FIELDS:
         if field not in record:
-            raise UserError(f"{where}: no {field!r} field (a record holds subreddit, title, post and summary, "
-                            "or document and summary)")
+            raise UserError(f"{where}: no {field!r} field (a record holds subreddit, title, post and "
+                            "summary, or document and summary)")
         if not isinstance(record[field], str):
             raise UserError(f"{where}: {field!r} is not a string")
     if not record["summary"].strip():
@@ -134,7 +135,7 @@ def fit(tokenizer, record, n_ctx, cut):
             return prompt, (ids, prompt_len)
         if not cut or not text:
             return None
-        text_ids = tokenizer.encode(text)  # its end cut by as many tokens as the example is over; again if need be
+        text_ids = tokenizer.encode(text)  # its end cut by as many tokens as the example is over
         text = tokenizer.decode(text_ids[:max(0, len(text_ids) - (len(ids) - n_ctx))]).rstrip("\ufffd")
 
 
@@ -155,12 +156,13 @@ def prepare(tokenizer, splits, n_ctx, too_long):
     if too_long == "skip":
         print(line + f"skipped: longer than {n_ctx} tokens")
     else:
-        print(line + f"cut to fit {n_ctx} tokens" + (f" ({counts['dropped']:,} dropped: their title and "
-                                                       "summary alone are longer)" if counts["dropped"] else ""))
+        dropped = (f" ({counts['dropped']:,} dropped: their title and summary alone are longer)"
+                   if counts["dropped"] else "")
+        print(line + f"cut to fit {n_ctx} tokens" + dropped)
     for name, found in examples.items():
         if not found:
-            raise UserError(f"no {'validation' if name == 'val' else name} post fits in {n_ctx} tokens: raise "
-                            "--context-length")
+            raise UserError(f"no {'validation' if name == 'val' else name} post fits in {n_ctx} tokens: "
+                            "raise --context-length")
     return examples, counts
 
 
@@ -204,12 +206,14 @@ def measure(args, tuned, tokenizer, examples, counts, scorer, autocast, device):
     write_json([{"instruction": INSTRUCTION, "input": r.get("post", r.get("document")), "output": ref,
                  "model_response": tuned, "title_baseline": title, "zero_shot": zero,
                  **{k: r[k] for k in ("id", "subreddit", "title") if k in r}}
-                for r, ref, tuned, title, zero in zip(records, references, tuned, summaries["title"], zero_shot)],
+                for r, ref, tuned, title, zero
+                in zip(records, references, tuned, summaries["title"], zero_shot)],
                out["summaries"])
     write_json({"rouge_f1": scores, "examples": {"train": len(examples["train"]),
                 "validation": len(examples["val"]), "test": len(records)}, **counts,
                 "args": vars(args)}, out["metrics"])
-    print(f"\n{f'ROUGE F1 x 100 on {len(records):,} test posts':<38}{'ROUGE-1':>9}{'ROUGE-2':>9}{'ROUGE-L':>9}")
+    header = f"ROUGE F1 x 100 on {len(records):,} test posts"
+    print(f"\n{header:<38}{'ROUGE-1':>9}{'ROUGE-2':>9}{'ROUGE-L':>9}")
     for name, label in (("fine_tuned", "fine-tuned, greedy"), ("title", "the title as the summary"),
                         ("zero_shot", f"zero-shot TL;DR: from {args.init_from}")):
         print(f"{label:<38}" + "".join(f"{100 * scores[name][k]:9.2f}" for k in ROUGE))
@@ -231,7 +235,8 @@ def finetune(args, ckpt):
         return f"{title_of(first[0])[:60]!r} -> {respond(model, tokenizer, [first[1]], SAMPLE_TOKENS)[0]!r}"
 
     data = {name: [example for _, _, example in examples[name]] for name in ("train", "val")}
-    best = train_on_answers(args, ckpt, model, tokenizer, data, sample, True, device)  # loss on summaries only
+    # the loss on the summaries only
+    best = train_on_answers(args, ckpt, model, tokenizer, data, sample, True, device)
     tuned = answer_all(best, tokenizer, [p for _, p, _ in examples["test"]], args, autocast,
                        "summarising the test posts")  # greedy, up to <|endoftext|>
     del model, sample, best  # out of memory before the model it started from comes in
@@ -243,18 +248,20 @@ def main():
     p.add_argument("--data", default=DATA,
                    help="a folder of train.jsonl, valid.jsonl and test.jsonl (the default: OpenAI's filtered "
                    "TL;DR, downloaded where missing), or one JSONL file (or JSON list) split in file order: "
-                   "85%% train, 10%% test, 5%% validation. A record holds subreddit, title, post and summary, "
+                   "85%% train, 10%% test, 5%% validation. A record holds subreddit, title, post and "
+                   "summary, "
                    "or document and summary")
     p.add_argument("--data-url", default=DATA_URL,
-                   help="where the default --data folder's missing files are downloaded from: URL/train.jsonl, ...")
+                   help="where the default --data folder's missing files are downloaded from: "
+                   "URL/train.jsonl, ...")
     p.add_argument("--max-examples", type=number(int, 0), default=0,
                    help="train on the first N training posts (validation and test cut in proportion); 0: all")
     p.add_argument("--eval-examples", type=number(int, 0), default=0,
-                   help="summarise and score the first N test posts; 0: the test split (cut as --max-examples "
-                   "cuts it)")
+                   help="summarise and score the first N test posts; 0: the test split (cut as "
+                   "--max-examples cuts it)")
     p.add_argument("--too-long", choices=["cut", "skip"], default="cut",
-                   help="a post whose prompt and summary do not fit the window: cut the post from its end, or "
-                   "skip it")
+                   help="a post whose prompt and summary do not fit the window: cut the post from its end, "
+                   "or skip it")
     add_model_args(p, "gpt2")
     add_lora_args(p)
     p.add_argument("--max-new-tokens", type=number(int, 1), default=100,

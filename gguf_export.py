@@ -72,11 +72,12 @@ def vocabulary(tokenizer, vocab_size):
 def check_representable(model):
     """Refuse, in one line, a model that llama.cpp's gpt2 architecture would compute differently."""
     c = model.config
-    positions = getattr(c, "positions", "learned")
-    if positions != "learned":
-        raise UserError(f"the model uses {positions!r} positions; llama.cpp's GPT-2 (and GGUF's gpt2 "
-                        "architecture) has learned position embeddings only: export it with --export-hf "
-                        "instead")
+    if c.positions != "learned":
+        raise UserError(f"the model uses {c.positions!r} positions; llama.cpp's GPT-2 (and GGUF's gpt2 "
+                        "architecture) has learned position embeddings only: it runs here, with sample.py")
+    if not c.tied_head:
+        raise UserError("the model has an output head of its own (train.py --init book), where GPT-2's "
+                        "reuses the token embedding: it runs here, with sample.py")
     if c.vocab_size < GPTConfig.vocab_size:
         raise UserError(f"the model has a vocabulary of {c.vocab_size:,} tokens, fewer than GPT-2's "
                         f"{GPTConfig.vocab_size:,}: GGUF's GPT-2 tokenizer would name tokens it does not "

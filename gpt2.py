@@ -48,6 +48,7 @@ class GPTConfig:
     n_layer: int = 12
     dropout: float = 0.0
     positions: str = "learned"  # GPT-2's learned vector per position, or "rope": rotary, see rope()
+    tied_head: bool = True  # the head reuses wte's matrix (GPT-2's); False: its own (the book's GPTModel)
 
     def __post_init__(self):
         if self.positions not in ("learned", "rope"):
@@ -170,7 +171,7 @@ class Block(nn.Module):  # attention, then feed-forward, each on a layer-normed 
 
 
 # -----------------------------------------------------------------------------
-# The model: token (+ position) embeddings, n_layer blocks, a final layer norm, the head tied to wte.
+# The model: token (+ position) embeddings, n_layer blocks, a final layer norm, the head (tied to wte).
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -186,7 +187,8 @@ class GPT(nn.Module):
             ln_f=LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: GPT-2 has one matrix for both
+        if config.tied_head:  # GPT-2 has one matrix for both
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 paper: residual projections get 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -200,8 +202,7 @@ class GPT(nn.Module):
 
     @classmethod
     def empty(cls, config):
-        """A GPT of shapes only, on the meta device (no memory, no random draws), for load_weights to
-        fill. (Its first normal_ imports torch._dynamo: 0.75 s once per process on a Xeon, torch 2.13.)"""
+        """A GPT of shapes only, on the meta device (no memory, no random draws), for load_weights to fill."""
         with torch.device("meta"):
             return cls(config)
 
@@ -401,8 +402,7 @@ def read_pt(path):
 
 def load_weights(model, state, source):
     """Check state {name: tensor} against model (each weight there, shaped alike; a tied head may be left
-    out), then make it model's weights: float32, every one contiguous as nn.Linear makes it, whatever the
-    file's layout (so a loaded model trains and generates as fast as a new one: docs/bench.md)."""
+    out), then make it model's weights: float32 and contiguous as nn.Linear makes them, whatever the file."""
     wanted = {k: p.shape for k, p in model.named_parameters()}  # a tied head is wte, named once
     state = {k: t for k, t in state.items() if k in wanted or k != "lm_head.weight"}  # (a .pt has it twice)
     missing, extra = sorted(wanted.keys() - state.keys()), sorted(state.keys() - wanted.keys())

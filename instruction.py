@@ -110,7 +110,8 @@ def answer_all(model, tokenizer, prompts, args, autocast, desc, **sampling):
     answers = []
     for i in progress_bar(range(0, len(prompts), args.batch_size), desc=desc, unit="batch"):
         with autocast:
-            answers += respond(model, tokenizer, prompts[i:i + args.batch_size], args.max_new_tokens, **sampling)
+            answers += respond(model, tokenizer, prompts[i:i + args.batch_size], args.max_new_tokens,
+                               **sampling)
     return answers
 
 

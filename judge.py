@@ -6,7 +6,7 @@ import re
 
 from cli import progress_bar
 from errors import UserError
-from files import write_json
+from files import lock_file, write_json
 from instruction import format_prompt, load_entries
 
 OLLAMA_URL = "http://localhost:11434"
@@ -98,6 +98,7 @@ def score_responses(args):
     it had (an earlier run's, or null)."""
     path = args.judge
     entries = load_entries(path, required=("instruction", "output", "model_response"))
+    lock_file(path)
     todo = [i for i, e in enumerate(entries) if args.rescore or e.get("score") is None]
     if not todo:
         print(f"every entry of {path} has a score already: pass --rescore to score them again")

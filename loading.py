@@ -145,3 +145,19 @@ def init_model(init_from, context_length=None, dropout=None, **size):
     if "transformer.wpe.weight" in state:  # (rotary positions have no table to cut)
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:n_ctx]
     return load_weights(GPT.empty(replace(model.config, **changes)), state, init_from)
+
+
+def check_prerequisites(init_from, data, default_data):
+    """Before any work, every missing thing a run needs in one line: the weights of a size name that
+    download_weights.py has not fetched, and with them a --data that is not there."""
+    lacking = []
+    if init_from != "scratch" and not os.path.exists(init_from):
+        folder = model_path(init_from)  # (a name that is no size is one line of its own)
+        if not os.path.isdir(folder):
+            size = os.path.basename(folder)
+            lacking.append(f"GPT-2 {size}'s weights in {folder} (python download_weights.py --model {size})")
+    if lacking and not os.path.exists(data):
+        lacking.append(f"{data} (downloaded on first use when online; else put it there, or pass --data)"
+                       if data == default_data else f"--data {data} (not found)")
+    if lacking:  # (data alone missing: the script's own line says where it comes from)
+        raise UserError(f"this run needs {' and '.join(lacking)}")

@@ -22,16 +22,17 @@ from loading import load_model, load_tokenizer
 
 
 def print_as_generated(ids, tokenizer):
-    """Print the text of token ids as they come. Everything so far is decoded each time, since
-    a character split over two tokens decodes as U+FFFD until its last byte arrives: a trailing
-    U+FFFD waits for the next token."""
-    seen, shown = [], ""
+    """Print the text of token ids as they come, each token's text once (the work grows with the length, not
+    its square). A character split over tokens decodes as U+FFFD until its last byte arrives: those tokens
+    wait for the next one (4 at most: a character is at most 4 bytes)."""
+    pending = []
     for i in ids:
-        seen.append(i)
-        text = tokenizer.decode(seen).rstrip("\ufffd")
-        print(text[len(shown):], end="", flush=True)
-        shown = text
-    print(tokenizer.decode(seen)[len(shown):])
+        pending.append(i)
+        text = tokenizer.decode(pending)
+        if not text.endswith("\ufffd") or len(pending) == 4:
+            print(text, end="", flush=True)
+            pending = []
+    print(tokenizer.decode(pending))
 
 
 def main():
@@ -51,7 +52,8 @@ def main():
                         help="sample among the k likeliest tokens (GPT-2's paper used 40); 0 = all")
     parser.add_argument("--top-p", type=number(float, 0, 1), default=None,
                         help="sample among the fewest tokens whose probabilities sum to p")
-    parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
+    parser.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=1337,
+                        help="the same seed gives the same text")
     parser.add_argument("--num-samples", type=number(int, 1), default=1,
                         help="samples of the same prompt, generated as one batch")
     add_device_arg(parser)

@@ -30,7 +30,7 @@ from corpus import WORKERS, load_tokens
 from devices import check_training_memory, pick_device, precision
 from errors import UserError, run
 from fetch import ensure_file
-from loading import load_tokenizer
+from loading import check_prerequisites, load_tokenizer
 from trainer import Task, Trainer, add_training_args, build_model, check_batches, configure_optimizer, \
     micro_batches, start_run
 
@@ -38,12 +38,13 @@ DEFAULT_DATA = "data/the-verdict.txt"
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"
                "the-verdict.txt")
 TRAIN_FRACTION = 0.9  # of the tokens; the rest is the validation set
+BOOK_CONTEXT = 256  # a new model's window, as in the book (a pretrained one keeps its own)
 PROMPT = "Every effort moves you"  # the book's fixed prompt for the samples printed at each evaluation
 SAMPLE_TOKENS = 50
 OUT_FILES = ("best.pt", "loss.png")  # what a run writes into --out-dir, besides ckpt.pt
 # What --resume cannot change: the model, the data and which windows each step trains on.
-FIXED_ON_RESUME = ("data", "init_from", "n_layer", "n_head", "n_embd", "positions", "context_length",
-                   "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "init_from", "init", "n_layer", "n_head", "n_embd", "positions",
+                   "context_length", "batch_size", "seed")
 
 
 def parse_args():
@@ -60,11 +61,24 @@ def parse_args():
     parser.add_argument("--eval-only", action="store_true",
                         help="print the loss and perplexity on all of --data, then exit")
     add_model_args(parser, "scratch", dropout=0.1)
-    add_training_args(parser, epochs=10, batch_size=2, lr=4e-4, context_length=256)
+    parser.add_argument("--init", choices=["gpt2", "book"],
+                        help="a new model's first weights: GPT-2's (normal, std 0.02, the head tied to wte) "
+                        "or the book's GPTModel's (PyTorch's defaults, a head of its own), which learns the "
+                        "story by heart as the book shows; None: book for the book's run (the default --data "
+                        "from scratch), gpt2 for every other")
+    add_training_args(parser, epochs=10, batch_size=2, lr=4e-4)
     args = parser.parse_args()
+    book_run = args.data == DEFAULT_DATA and args.init_from == "scratch"
+    if args.init is None and not args.resume:
+        args.init = "book" if book_run else "gpt2"
+    if args.init == "book" and args.init_from != "scratch":
+        raise UserError("--init book sets a new model's weights: it goes with --init-from scratch")
+    if args.context_length is None and args.init_from == "scratch" and not args.resume:
+        args.context_length = BOOK_CONTEXT
     check_size_args(args)
     if args.eval_only or args.prepare_only:
         return args, None
+    check_prerequisites(args.init_from, args.data, DEFAULT_DATA)
     return start_run(parser, args, OUT_FILES, FIXED_ON_RESUME)
 
 
@@ -88,6 +102,17 @@ def window_starts(begin, end, context_length):
     return range(begin, end - context_length, context_length)
 
 
+def split_windows(tokens, context_length, args):
+    """The first TRAIN_FRACTION of the tokens train, the rest validate -> the starts of each one's windows."""
+    n_train, L = int(TRAIN_FRACTION * len(tokens)), context_length
+    train_starts, val_starts = window_starts(0, n_train, L), window_starts(n_train, len(tokens), L)
+    if not train_starts or not val_starts:
+        raise UserError(f"{args.data} is too short: its {len(tokens):,} tokens give {len(train_starts)} "
+                        f"training and {len(val_starts)} validation windows of {L + 1} tokens, and at least "
+                        "one of each is needed; use more text or a smaller --context-length")
+    return train_starts, val_starts
+
+
 def get_batch(tokens, starts, context_length, device):
     """Windows starting at starts -> inputs and targets, (len(starts), context_length) each."""
     w = torch.from_numpy(np.stack([tokens[s:s + context_length + 1] for s in starts]).astype(np.int64))
@@ -108,6 +133,25 @@ def continuation(model, tokenizer, device):
     out = model.generate(torch.tensor([tokenizer.encode(PROMPT)], device=device), SAMPLE_TOKENS,
                          temperature=0)
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
+
+
+def make_model(args, ckpt, device):
+    """The model to train: ckpt.pt's, --init-from's, or a new one with the first weights --init names."""
+    model = build_model(args, ckpt)
+    if not ckpt and args.init == "book":
+        book_init(model)
+    return model.to(device).train()
+
+
+def book_init(model):
+    """The book's GPTModel: PyTorch's default initialisation of every layer, and an output head of its own.
+    Its token vectors start 50 times larger than GPT-2's, which lets 90 steps memorise a 5,000-token story."""
+    c = model.config
+    c.tied_head, model.lm_head = False, torch.nn.Linear(c.n_embd, c.vocab_size, bias=False)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.reset_parameters()
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -135,9 +179,11 @@ def main():
     master = rank == 0
     autocast = precision(args.dtype, device, note=master)
     tokenizer = load_tokenizer(args.init_from)
-    # The model before the data: what it refuses (a longer --context-length than it has, ...) is said before
-    # the data is downloaded or tokenized.
-    raw = None if args.prepare_only else build_model(args, ckpt).to(device).train()
+    # A model read from a file before the data: what it refuses (a longer --context-length than it has, ...)
+    # is said before the data is downloaded or tokenized. A new one after: a window longer than the corpus is
+    # said before a model that large is allocated.
+    new_model = args.init_from == "scratch" and not ckpt
+    raw = None if args.prepare_only or new_model else make_model(args, ckpt, device)
     if not master:
         dist.barrier()  # rank 0 downloads and tokenizes; the others then read its cache
     tokens = load_data(args.data, tokenizer, args.workers)
@@ -148,6 +194,9 @@ def main():
             print(f"{len(tokens):,} tokens")
         return
 
+    if new_model:
+        split_windows(tokens, args.context_length, args)
+        raw = make_model(args, ckpt, device)
     model = torch.compile(raw) if args.compile else raw
     L = raw.config.n_ctx
     if args.eval_only:
@@ -162,12 +211,7 @@ def main():
                   f"{math.exp(loss):.2f}")
         return
 
-    n_train = int(TRAIN_FRACTION * len(tokens))
-    train_starts, val_starts = window_starts(0, n_train, L), window_starts(n_train, len(tokens), L)
-    if not train_starts or not val_starts:
-        raise UserError(f"{args.data} is too short: its {len(tokens):,} tokens give {len(train_starts)} "
-                        f"training and {len(val_starts)} validation windows of {L + 1} tokens, and at least "
-                        "one of each is needed; use more text or a smaller --context-length")
+    train_starts, val_starts = split_windows(tokens, L, args)
     steps_per_epoch = check_batches(args, len(train_starts), "windows", world)
     micro = args.batch_size // (world * args.grad_accum)  # windows per forward pass in each process
     n_eval = args.eval_batches * args.batch_size or None  # None: every window

@@ -201,11 +201,13 @@ def test_bad_flags_are_found_before_the_first_write(tmp_path, run_main):
     assert "--trainable-blocks 7: give 'all' or a number from 0 to 1" in line
     line = one_line_error(run_main("train.py", "--init-from", tmp_path / "tiny.pt", "--context-length", 128,
                                    "--data", data, "--out-dir", tmp_path / "t"))
-    assert "--context-length 128 is longer than the model's 64" in line
+    assert "--context-length 128 is longer than" in line \
+           and "window of 64 positions: pass --context-length 64 or less" in line
     line = one_line_error(run_main("finetune_instruct.py", "--init-from", tmp_path / "tiny.pt",
                                    "--context-length", 128, "--data", tmp_path / "missing.json",
                                    "--out-dir", tmp_path / "i"))
-    assert "--context-length 128 is longer than the model's 64" in line
+    assert "--context-length 128 is longer than" in line \
+           and "window of 64 positions: pass --context-length 64 or less" in line
     assert snapshot(tmp_path) == before \
            and sorted(os.listdir(tmp_path)) == ["split", "the-verdict.txt", "tiny.pt"]
 

@@ -50,9 +50,15 @@ def bench_run(args, tmp_path):
     return run_script("bench.py", *args, cwd=tmp_path, env={"TMPDIR": str(tmp_path)})
 
 
-def test_bench_prints_every_row(tmp_path):
-    out = bench_run(BENCH_TINY, tmp_path)
+def test_bench_quick_prints_every_row_and_nothing_else(tmp_path):
+    """--quick is the tiny configuration the other bench tests use; its output is the header line and the
+    table, with no line of a peer's log among the rows."""
+    assert bench.QUICK == {k.removeprefix("--").replace("-", "_"): int(v)
+                           for k, v in zip(BENCH_TINY[::2], BENCH_TINY[1::2])}
+    out = bench_run(["--quick"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert lines[0].startswith("GPT-2 2 layers x 64") and all(line.startswith("| ") for line in lines[1:])
     rows = [line.strip("|").split("|") for line in out.stdout.splitlines() if line.startswith("| ")]
     rows = [[cell.strip() for cell in r] for r in rows[2:]]  # after the header and its rule
     assert len(rows) == len(BENCH_ROWS), out.stdout

@@ -248,6 +248,8 @@ def test_dl_script_unreachable_server(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not download") and "check your connection" in last
     assert last.endswith("or fetch the same weights from the Hugging Face Hub: --source huggingface")
+    assert "(7 of the 7 files are still to fetch: checkpoint, encoder.json, hparams.json, " \
+           "model.ckpt.data-00000-of-00001, model.ckpt.index, model.ckpt.meta, vocab.bpe)" in last
     assert not list(tmp_path.rglob("checkpoint*"))
 
 

@@ -11,8 +11,9 @@ from torch.nn import functional as F
 import explore
 from errors import UserError
 from files import save_atomic
-from gpt2 import Tokenizer
-from tests.helpers import OPENAI_124M, TINY, hf_twin, real_index, run_script, tiny_model
+from gpt2 import GPT, Tokenizer
+from tests.helpers import (OPENAI_124M, TINY, hf_twin, real_index, run_script, tiny_model,
+                           write_openai_checkpoint)
 
 
 def explore_png_ok(path):
@@ -67,6 +68,15 @@ def test_explore_weights_of_our_checkpoint(tmp_path):
     tensors = explore.model_tensors(str(path))
     assert [name for name, _, _ in tensors] == [k for k in model.state_dict() if k != "lm_head.weight"]
     assert sum(math.prod(shape) for _, shape, _ in tensors) == explore_parameters(2, 4, 32, 96, 64)
+    # OpenAI's shape of each, as write_openai_checkpoint lays the same weights out in TensorFlow
+    openai = write_openai_checkpoint(tmp_path / "openai", hf_twin(model), n_ctx=64)
+    assert {GPT.openai_name(name): theirs for name, _, theirs in tensors} == \
+           {GPT.openai_name(name): theirs for name, _, theirs in explore.model_tensors(str(openai))}
+
+
+def test_explore_help_names_its_flags_and_no_folder_of_ours():
+    r = run_script("explore.py", "--help")
+    assert "go into --out-dir" in r.stdout and "go into --out." not in r.stdout and "shared" not in r.stdout
 
 
 def test_explore_attention_weights_are_causal_sum_to_1_and_equal_q_dot_k():

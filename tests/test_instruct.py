@@ -207,6 +207,22 @@ def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path)
                     break
                 new.append(next_id)
         assert entry["model_response"] == tok.decode(new).strip()
+    answers = json.loads((out / "responses.json").read_text())
+    empty = sum(not entry["model_response"] for entry in answers)
+    said = f"{empty} of {len(answers)} answers are empty: the model ends its answers at once; train it longer"
+    assert (said in r.stdout) == (empty > 0)
+
+
+def test_instruct_empty_answers_are_counted_and_said(tmp_path, monkeypatch, run_main):
+    import finetune_instruct
+
+    monkeypatch.setattr(finetune_instruct, "answer_all",
+                        lambda model, tok, prompts, *a: [""] * (len(prompts) - 1) + ["one"])
+    r = run_main("finetune_instruct.py", *INSTRUCT_TINY, "--max-iters", 1, "--context-length", 96,
+                 "--out-dir", tmp_path / "o")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "109 of 110 answers are empty: the model ends its answers at once; train it longer (more " \
+           "--epochs, a larger model or a higher --lr) before a judge is worth asking" in r.stdout
 
 
 def test_instruct_bad_input_is_one_clear_line(tmp_path):
@@ -217,7 +233,7 @@ def test_instruct_bad_input_is_one_clear_line(tmp_path):
     torch.save(tiny_model(vocab_size=EOT + 1).checkpoint(), tmp_path / "tiny.pt")  # a window of 64 positions
     r = run_script("finetune_instruct.py", "--init-from", tmp_path / "tiny.pt", "--data", INSTRUCT_DATA,
                    "--out-dir", tmp_path / "x", "--context-length", 128)
-    assert r.returncode == 1 and "--context-length 128 is longer than the model's 64" in r.stderr
+    assert r.returncode == 1 and "window of 64 positions: pass --context-length 64 or less" in r.stderr
 
 
 def test_instruct_malformed_data_names_the_entry(tmp_path):

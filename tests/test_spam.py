@@ -3,6 +3,10 @@
 import csv
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ import finetune_spam as fs
 import sms_spam
 import trainer
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.helpers import (EOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script,
+from tests.helpers import (EOT, ROOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script,
                            spam_sample, stop_then_resume)
 
 
@@ -206,3 +210,34 @@ def test_spam_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
             for run in ("straight", "stopped")]
     assert best[0]["step"] == best[1]["step"] \
            and all(torch.equal(v, best[1]["model"][k]) for k, v in best[0]["model"].items())
+
+
+def test_spam_default_data_offline_names_every_form_it_takes(tmp_path):
+    env = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    r = run_script("finetune_spam.py", *SPAM_TINY, cwd=tmp_path, env=env, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "data/sms-spam/sms+spam+collection.zip" in last  # the zip, as UCI has it
+    assert "or put the unzipped SMSSpamCollection at data/sms-spam/SMSSpamCollection" in last
+    assert "or pass --data FILE" in last
+
+
+def test_spam_classifier_of_an_unfinished_run_says_so(tmp_path):
+    spam_sample(tmp_path)
+    args = ["--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", *SPAM_TINY,
+            "--eval-interval", "2"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "finetune_spam.py"), *args, "--max-iters", "400"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "classifier.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 130
+    r = run_script("finetune_spam.py", "--classify", "Call now to win", "--out-dir", "out", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split()[0] in ("ham", "spam"), r.stderr
+    assert "of a run that has not finished: python finetune_spam.py --resume --out-dir out finishes it" \
+           in r.stderr
+    r = run_script("finetune_spam.py", *args, "--max-iters", 2, "--overwrite", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("finetune_spam.py", "--classify", "Call now to win", "--out-dir", "out", cwd=tmp_path)
+    assert r.returncode == 0 and "not finished" not in r.stderr

@@ -9,8 +9,8 @@ from torch.nn import functional as F
 
 from corpus import load_tokens
 from gpt2 import GPT, Tokenizer
-from tests.helpers import (TRAIN_TINY, assert_bitwise_equal, free_port, run_script, stop_then_resume,
-                           train_args, train_load, train_run, train_verdict)
+from tests.helpers import (TRAIN_TINY, assert_bitwise_equal, free_port, one_line_error, run_script,
+                           stop_then_resume, train_args, train_load, train_run, train_verdict)
 
 
 def test_train_tiny_learns_and_reports_true_losses(tmp_path):
@@ -119,3 +119,32 @@ def test_train_default_data_offline_says_where_to_put_it(tmp_path):
     assert not (tmp_path / "data" / "the-verdict.txt").exists()
 
 
+
+
+def test_the_books_run_starts_from_the_books_weights_and_every_other_from_gpt2s(tmp_path, monkeypatch,
+                                                                                  run_main):
+    """The default data from scratch gets the book's GPTModel's first weights: PyTorch's defaults (token
+    vectors of std 1, linear layers within nn.Linear's bound) and a head of its own; another --data keeps
+    GPT-2's (std 0.02, the head tied to wte). The checkpoint says which, and loads back as trained."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data", "other"):
+        (tmp_path / folder).mkdir()
+        train_verdict(tmp_path / folder)
+    for out, extra in (("book", []), ("gpt2", ["--data", "other/the-verdict.txt"])):
+        r = run_main("train.py", *TRAIN_TINY, "--out-dir", out, "--max-iters", 0, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    book, gpt2 = (train_load(tmp_path / out / "ckpt.pt") for out in ("book", "gpt2"))
+    assert book["args"]["init"] == "book" and not book["config"]["tied_head"]
+    assert gpt2["args"]["init"] == "gpt2" and gpt2["config"]["tied_head"]
+    wte, head = book["model"]["transformer.wte.weight"], book["model"]["lm_head.weight"]
+    assert abs(wte.std().item() - 1) < 0.01 and not torch.equal(wte, head)
+    bound = 1 / math.sqrt(32)  # nn.Linear's kaiming-uniform bound for 32 inputs
+    assert head.abs().max() <= bound and head.abs().max() > 0.9 * bound
+    assert abs(gpt2["model"]["transformer.wte.weight"].std().item() - 0.02) < 0.001
+    assert torch.equal(gpt2["model"]["transformer.wte.weight"], gpt2["model"]["lm_head.weight"])
+    model = GPT.from_pretrained(str(tmp_path / "book" / "ckpt.pt"))
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, head)
+    line = one_line_error(run_main("train.py", "--init", "book", "--init-from",
+                                   tmp_path / "gpt2" / "ckpt.pt", "--out-dir", "c"))
+    assert "--init book sets a new model's weights: it goes with --init-from scratch" in line
