@@ -16,7 +16,10 @@ from torch.nn import functional as F
 # Tokenizer: GPT-2's byte-pair encoding (BPE) turns text into ids and back.
 class Tokenizer:  # tiktoken's "gpt2" encoding, or any Encoding (offline: loading.py's openai_tokenizer)
     def __init__(self, enc=None):
-        self.enc = enc or tiktoken.get_encoding("gpt2")
+        try:  # tiktoken downloads GPT-2's two BPE files once, into its cache
+            self.enc = enc or tiktoken.get_encoding("gpt2")
+        except OSError as e:  # (requests' errors are OSErrors) offline, with nothing in that cache
+            raise OSError(f"{e}: offline, set TIKTOKEN_CACHE_DIR to a folder with tiktoken's cache") from e
         self.eot_id = self.enc.eot_token  # <|endoftext|>, 50256: separates documents
 
     def encode(self, text):
@@ -171,7 +174,7 @@ class Block(nn.Module):  # attention, then feed-forward, each on a layer-normed 
 
 
 # -----------------------------------------------------------------------------
-# The model: token (+ position) embeddings, n_layer blocks, a final layer norm, the head (tied to wte).
+# The model: token (+ position: not with RoPE) embeddings, n_layer blocks, a final layer norm, the head.
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -179,8 +182,7 @@ class GPT(nn.Module):
             raise ValueError(f"n_embd {config.n_embd} must be a multiple of n_head {config.n_head}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token id -> vector
-            # position -> vector (learned); none with RoPE
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token id -> vector; wpe: position -> vector
             **({"wpe": nn.Embedding(config.n_ctx, config.n_embd)} if config.positions == "learned" else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
@@ -236,8 +238,7 @@ class GPT(nn.Module):
     # Sampling: turn the last position's scores into the next token.
     @staticmethod
     def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-        """(B, vocab) scores -> (B, 1) ids: the likeliest at temperature 0, else drawn from the top_k
-        likeliest and/or the fewest whose probabilities sum to top_p."""
+        """(B, vocab) scores -> (B, 1) ids: argmax at temperature 0, else drawn from top_k and/or top_p."""
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits / temperature  # < 1 sharpens the distribution, > 1 flattens it
@@ -302,8 +303,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name):
-        """A size name (gpt2, 124M, ...: the folder MODELS_DIR/<size>/), a .pt of ours, a Hugging Face GPT-2
-        folder or OpenAI's (model.safetensors first if both: no TensorFlow) -> GPT in eval mode."""
+        """A size name (MODELS_DIR/<size>/), a .pt of ours, a Hugging Face or OpenAI folder -> GPT (eval)."""
         if name in (*MODEL_SIZES, *ALIASES) and not os.path.exists(name):
             size, name = size_name(name), os.path.join(MODELS_DIR, size_name(name))
             if not os.path.isdir(name):

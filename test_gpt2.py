@@ -4,6 +4,7 @@ GPT-2 and OpenAI's own checkpoint index. It imports gpt2.py, those references an
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -460,3 +461,14 @@ def test_bad_generate_arguments_raise_clear_errors():
             model.generate(idx, 3, **kwargs)
     with pytest.raises(ValueError, match="the prompt is empty"):
         model.generate(idx[:, :0], 3)
+
+
+def test_tokenizer_offline_says_where_its_files_can_come_from(tmp_path):
+    """gpt2.py alone, offline, with nothing in tiktoken's cache: an OSError that names TIKTOKEN_CACHE_DIR."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    code = "import gpt2\ntry:\n    gpt2.Tokenizer()\nexcept OSError as e:\n    print('OSError:', e)\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.startswith("OSError:") and r.stdout.rstrip().endswith(
+        "offline, set TIKTOKEN_CACHE_DIR to a folder with tiktoken's cache"), r.stdout + r.stderr[-2000:]

@@ -183,7 +183,7 @@ def test_spam_text_longer_than_context(spam_run):
 def test_spam_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "bad.tsv").write_text("ham\tfine\nthis line has no label\n", encoding="utf-8")
     (tmp_path / "ham-only.tsv").write_text("ham\tone\nham\ttwo\n", encoding="utf-8")
-    r = run_script("finetune_spam.py", *args, "--split-dir", "split", cwd=tmp_path)
+    r = run_script("finetune_spam.py", *SPAM_TINY, *args, "--split-dir", "split", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 

@@ -131,7 +131,7 @@ def test_the_books_run_starts_from_the_books_weights_and_every_other_from_gpt2s(
         (tmp_path / folder).mkdir()
         train_verdict(tmp_path / folder)
     for out, extra in (("book", []), ("gpt2", ["--data", "other/the-verdict.txt"])):
-        r = run_main("train.py", *TRAIN_TINY, "--out-dir", out, "--max-iters", 0, *extra)
+        r = run_main("train.py", *TRAIN_TINY, "--out-dir", out, "--max-iters", 1, *extra)
         assert r.returncode == 0, r.stderr[-3000:]
     book, gpt2 = (train_load(tmp_path / out / "ckpt.pt") for out in ("book", "gpt2"))
     assert book["args"]["init"] == "book" and not book["config"]["tied_head"]
@@ -139,7 +139,7 @@ def test_the_books_run_starts_from_the_books_weights_and_every_other_from_gpt2s(
     wte, head = book["model"]["transformer.wte.weight"], book["model"]["lm_head.weight"]
     assert abs(wte.std().item() - 1) < 0.01 and not torch.equal(wte, head)
     bound = 1 / math.sqrt(32)  # nn.Linear's kaiming-uniform bound for 32 inputs
-    assert head.abs().max() <= bound and head.abs().max() > 0.9 * bound
+    assert 0.9 * bound < head.abs().max() <= bound + 1e-3  # (one step of lr 4e-4 moved it)
     assert abs(gpt2["model"]["transformer.wte.weight"].std().item() - 0.02) < 0.001
     assert torch.equal(gpt2["model"]["transformer.wte.weight"], gpt2["model"]["lm_head.weight"])
     model = GPT.from_pretrained(str(tmp_path / "book" / "ckpt.pt"))
