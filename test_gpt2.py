@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig, KVCache, Tokenizer, size_name
-from tests.helpers import (OPENAI_124M, ROOT, TINY, generate_without_cache, hf_twin, ragged_prompts,
-                           real_index, tiny_model, write_openai_checkpoint)
+from gpt2 import GPT, GPTConfig, Tokenizer, size_name
+from tests.helpers import (OPENAI_124M, ROOT, TINY, cached_logits, generate_without_cache, hf_twin,
+                           ragged_prompts, real_index, tiny_model, write_openai_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -91,11 +91,7 @@ def test_kv_cache_gives_the_logits_of_a_full_forward():
     idx = torch.randint(0, TINY["vocab_size"], (2, 20))
     with torch.no_grad():
         full = model(idx)[0]
-        caches = [KVCache(2, model.config.n_ctx, model.config, "cpu", torch.float32)
-                  for _ in range(TINY["n_layer"])]
-        pieces = [(0, 5), *((t, t + 1) for t in range(5, 12)), (12, 20)]  # a prompt, single tokens, a chunk
-        stepped = torch.cat([model.lm_head(model.hidden_states(idx[:, a:b], caches)) for a, b in pieces],
-                            dim=1)
+    stepped = cached_logits(model, idx)
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
 
 

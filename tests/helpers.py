@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2 import GPT, GPTConfig
+from gpt2 import GPT, GPTConfig, KVCache
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
 DATA = Path(os.environ["GPT2_DATA"])  # the real data, where the project's conftest.py found it
@@ -101,6 +101,15 @@ def generate_without_cache(model, idx, n, temperature=1.0):
         logits, _ = model(idx[:, -model.config.n_ctx:])
         idx = torch.cat([idx, GPT.sample_next(logits[:, -1], temperature)], dim=1)
     return idx
+
+
+def cached_logits(model, idx):
+    """The logits of idx (B, 20) run through the KV cache in pieces: a prompt, single tokens, then a chunk."""
+    caches = [KVCache(idx.size(0), model.config.n_ctx, model.config, "cpu", torch.float32)
+              for _ in range(model.config.n_layer)]
+    pieces = [(0, 5), *((t, t + 1) for t in range(5, 12)), (12, 20)]
+    with torch.no_grad():
+        return torch.cat([model.lm_head(model.hidden_states(idx[:, a:b], caches)) for a, b in pieces], dim=1)
 
 
 def ragged_prompts(lengths, seed=3):

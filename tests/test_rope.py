@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import gpt2
-from gpt2 import GPT, GPTConfig, KVCache
-from tests.helpers import DATA, ROOT, TINY, generate_without_cache, ragged_prompts, tiny_model
+from gpt2 import GPT, GPTConfig
+from tests.helpers import DATA, ROOT, TINY, cached_logits, generate_without_cache, ragged_prompts, tiny_model
 
 
 def rope_model(seed=0, **overrides):
@@ -132,11 +132,7 @@ def test_kv_cache_gives_the_logits_and_tokens_of_recomputing():
     idx = torch.randint(0, TINY["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(idx)[0]
-        caches = [KVCache(2, model.config.n_ctx, model.config, "cpu", torch.float32)
-                  for _ in range(TINY["n_layer"])]
-        pieces = [(0, 5), *((t, t + 1) for t in range(5, 12)), (12, 20)]  # a prompt, single tokens, a chunk
-        stepped = torch.cat([model.lm_head(model.hidden_states(idx[:, a:b], caches)) for a, b in pieces],
-                            dim=1)
+    stepped = cached_logits(model, idx)
     torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
     model = rope_model(n_ctx=16)
     prompts = idx[:, :5]
