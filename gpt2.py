@@ -204,9 +204,14 @@ class GPT(nn.Module):
 
     @classmethod
     def empty(cls, config):
-        """A GPT of shapes only, on the meta device (no memory, no random draws), for load_weights to fill."""
-        with torch.device("meta"):
-            return cls(config)
+        """A GPT of shapes only, on the meta device (no memory), for load_weights to fill. Its random draws
+        are skipped: they fill nothing, and on meta the first one imports torch._dynamo (about 1.5 s)."""
+        normal_, torch.Tensor.normal_ = torch.Tensor.normal_, lambda tensor, *args, **kwargs: tensor
+        try:
+            with torch.device("meta"):
+                return cls(config)
+        finally:
+            torch.Tensor.normal_ = normal_
 
     def hidden_states(self, idx, caches=None, pad=None):
         """(B, T) ids -> (B, T, n_embd) vectors. pad (B,): each row's padding on the left, seen by none."""
