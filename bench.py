@@ -12,18 +12,13 @@ bandwidth that bounds batch-1 generation, where every weight is read once per ne
 
 import argparse
 import copy
-import functools
-import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from cli import add_device_arg, argument_parser
@@ -31,22 +26,19 @@ from devices import DTYPES, native_bf16, pick_device
 from download_weights import write_hf
 from errors import UserError, run
 from files import save_atomic
-from gpt2 import GPT, GPTConfig, load_weights
+from gpt2 import GPT, GPTConfig
+from measure import (TRAINING, in_fresh_process, matmul_peak, matvec_bandwidth, memory_now_and_peak,
+                     read_bandwidth, reset_peak, rss, timed)
+from peers import (ctranslate2_generator, ctranslate2_installed, generate, generate_ctranslate2, generate_ragged,
+                   make_models)
 from trainer import configure_optimizer, keep_freed_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MB = 1e6
-TRAINING = {  # the training rows: setting -> (number format, fused AdamW)
-    # (and in --runs, glibc's default: see keep_freed_memory)
-    "float32, torch's defaults (foreach AdamW)": ("float32", False),
-    "float32, fused AdamW": ("float32", True),
-    "bfloat16 autocast, fused AdamW": ("bfloat16", True),
-}
 
 
 # -----------------------------------------------------------------------------
-# The two models, with the same weights.
-
+# What is timed: the other layout, a training step, nanoGPT's generation loop.
 
 
 def in_out_layout(model):
@@ -60,26 +52,6 @@ def in_out_layout(model):
 QUICK = dict(n_layer=2, n_head=4, n_embd=64, batch_size=2, seq_len=16, prompt_len=8, new_tokens=12,
              batch_new_tokens=4, prefill=32, reps=1, warmup=0)  # --quick's sizes
 
-
-def make_models(n_layer, n_head, n_embd, seed):
-    """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel). Ours is
-    laid out as from_pretrained leaves any file (load_weights), as a user who loads weights has it."""
-    # imported late: gpt2.py's loading row must not carry it
-    import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    transformers.logging.set_verbosity_error()  # its notes on our flags would land among the rows
-    torch.manual_seed(seed)
-    fresh = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-    ours = load_weights(GPT.empty(fresh.config), fresh.state_dict(), "random weights").eval()
-    c = ours.config
-    theirs = GPT2LMHeadModel(GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0,
-    ))
-    theirs.load_state_dict({k: v.t() if k.endswith(GPT.CONV1D) else v for k, v in ours.state_dict().items()})
-    return ours, theirs.eval()
 
 
 def train_step(model, opt, data, autocast):
@@ -95,37 +67,6 @@ def train_step(model, opt, data, autocast):
 
 
 @torch.no_grad()
-def generate(model, idx, new_tokens, top_k, autocast):
-    """new_tokens greedy (top_k None) or top-k sampled tokens after idx, no early stop."""
-    with autocast:
-        if isinstance(model, GPT):
-            return model.generate(idx, new_tokens, temperature=0 if top_k is None else 1.0, top_k=top_k)
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(do_sample=top_k is not None, top_k=top_k, max_new_tokens=new_tokens,
-                                  eos_token_id=None, pad_token_id=model.config.eos_token_id)
-        return model.generate(idx, attention_mask=torch.ones_like(idx), generation_config=config)
-
-
-@torch.no_grad()
-def generate_ragged(model, prompts, new_tokens, autocast):
-    """new_tokens greedy tokens after each of prompts (token-id lists of different lengths), as one
-    batch padded on the left: ours takes the lists; transformers takes the padded ids and a mask."""
-    with autocast:
-        if isinstance(model, GPT):
-            return model.generate(prompts, new_tokens, temperature=0)
-        from transformers import GenerationConfig
-
-        T, device = max(map(len, prompts)), model.device
-        ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
-        config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  eos_token_id=None, pad_token_id=0)
-        return [p + row[T:] for p, row in zip(prompts, model.generate(ids, attention_mask=mask,
-                                                                      generation_config=config).tolist())]
-
-
-@torch.no_grad()
 def generate_without_cache(model, idx, new_tokens, autocast):
     """nanoGPT's greedy loop: no KV cache, so every step runs the whole sequence again."""
     with autocast:
@@ -138,47 +79,6 @@ def generate_without_cache(model, idx, new_tokens, autocast):
 # -----------------------------------------------------------------------------
 # Timing and memory.
 
-
-def sync(device):
-    if device != "cpu":
-        getattr(torch, device).synchronize()  # GPU work is asynchronous: wait before reading the clock
-
-
-def timed(fns, args, desc):
-    """{name: fn} -> {name: median seconds}. Runs alternate, the order flipping each round."""
-    times = {name: [] for name in fns}
-    order = list(fns)
-    with tqdm(total=(args.warmup + args.reps) * len(fns), desc=desc, leave=False) as bar:
-        for i in range(args.warmup + args.reps):
-            for name in order if i % 2 == 0 else order[::-1]:
-                sync(args.device)
-                t0 = time.perf_counter()
-                fns[name]()
-                sync(args.device)
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
-                bar.update()
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def rss(field="VmRSS"):
-    """This process's resident memory in bytes (Linux): VmRSS now, VmHWM the peak since reset_peak()."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def reset_peak(device):
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: the peak (VmHWM) restarts from the current RSS
-
-
-def memory_now_and_peak(device):
-    if device == "cuda":
-        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
-    return rss("VmRSS"), rss("VmHWM")
 
 
 def phase_peak(which, phase, args_dict):
@@ -228,80 +128,26 @@ def load_peak(which, path):
     return seconds, before, rss("VmHWM")
 
 
-def training_run(argv, fused):
-    """Run in a fresh process: train.py with argv, its AdamW fused, or with torch's defaults (foreach
-    AdamW, and glibc's default of giving freed memory back) -> (seconds from start to end, the final
-    validation loss, tokens trained on)."""
-    import train
-    import trainer
-
-    train.configure_optimizer = functools.partial(trainer.configure_optimizer, fused=fused)
-    if not fused:
-        trainer.keep_freed_memory = lambda: None
-    sys.argv = ["train.py", *argv]
-    t0 = time.perf_counter()
-    train.main()
-    seconds = time.perf_counter() - t0
-    ckpt = torch.load(os.path.join(argv[argv.index("--out-dir") + 1], "ckpt.pt"), weights_only=True)
-    return seconds, ckpt["history"]["val"][-1], ckpt["tokens"]
-
-
-def in_fresh_process(fn, *fn_args):
-    """bench.fn(*fn_args) in a new Python process; returns what it returns (through JSON)."""
-    code = f"import json, bench; print(json.dumps(bench.{fn}(*{fn_args!r})))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench.{fn}{fn_args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def autocast_for(device):
     """bf16 autocast on CUDA (its matmuls and flash attention are fast there); plain fp32 elsewhere."""
     return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
 
 # -----------------------------------------------------------------------------
-# The machine's limits.
-
-
-def matmul_peak(args, dtype):
-    """FLOP/s of a large square matmul in dtype, the best any layer can hope for."""
-    n = 4096 if args.device == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
-    repeats = 8  # one call is too short to time steadily on a CPU that is still clocking up
-    seconds = timed({"matmul": lambda: [a @ b for _ in range(repeats)]}, args,
-                    f"{dtype} matmul")["matmul"] / repeats
-    return 2 * n**3 / seconds
-
-
-def read_bandwidth(args):
-    """Bytes/s of summing 1 GiB of fp32: reading memory as batch-1 generation reads its weights."""
-    big = torch.ones(2**28, device=args.device)
-    repeats = 4
-    seconds = timed({"sum": lambda: [big.sum() for _ in range(repeats)]}, args,
-                    "memory bandwidth")["sum"] / repeats
-    return big.numel() * 4 / seconds
-
-
-def matvec_bandwidth(args):
-    """Bytes/s of one token through a 1 GiB nn.Linear weight, (out, in) as gpt2.py keeps them, and
-    through the same weight stored (in, out): how fast the kernels batch-1 generation calls read."""
-    w = torch.randn(2**18, 2**10, device=args.device)  # (out, in)
-    wt, x = w.t().contiguous(), torch.randn(1, 2**10, device=args.device)  # (in, out)
-    t = timed({"out, in": lambda: F.linear(x, w), "in, out": lambda: x @ wt}, args, "matrix-vector product")
-    return {layout: w.numel() * 4 / seconds for layout, seconds in t.items()}
-
-
-# -----------------------------------------------------------------------------
 # The files that the loading rows read.
+
+
+def checkpoints_root(args):
+    """The temp folder the weights' files go to, kept for later runs of the same shape and seed."""
+    shape = f"{args.n_layer}x{args.n_head}x{args.n_embd}"
+    return os.path.join(tempfile.gettempdir(), f"gpt2-bench-{shape}-seed{args.seed}")
 
 
 def checkpoints(ours, args):
     """The same weights as a Hugging Face folder (as download_weights.py converts OpenAI's checkpoint:
     transformers loads it too) and as a .pt of ours, written once into the temp folder and kept for
     later runs -> {"hf": folder, "pt": file}."""
-    root = os.path.join(tempfile.gettempdir(),
-                        f"gpt2-bench-{args.n_layer}x{args.n_head}x{args.n_embd}-seed{args.seed}")
+    root = checkpoints_root(args)
     paths = {"hf": os.path.join(root, "hf"), "pt": os.path.join(root, "model.pt")}
     if not os.path.isdir(paths["hf"]):
         write_hf(ours, paths["hf"] + ".tmp")
@@ -312,48 +158,14 @@ def checkpoints(ours, args):
 
 
 # -----------------------------------------------------------------------------
-# Whole training runs, start to end: the book's run and the Tiny Shakespeare recipe in each setting.
-
-SHAKESPEARE_RUN = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--context-length", "128",
-                   "--batch-size", "2", "--max-iters", "800", "--warmup-iters", "40", "--lr", "1e-3",
-                   "--min-lr", "1e-4", "--beta2", "0.95", "--dropout", "0", "--eval-interval", "100",
-                   "--eval-batches", "10"]
-
-
-def whole_runs(args):
-    """train.py on the-verdict.txt with its defaults (the book's run) and the Tiny Shakespeare recipe, in
-    each TRAINING setting, each in a fresh process on a copy of the text -> Markdown rows."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text, extra in (("the book's run", args.verdict, []), ("Tiny Shakespeare", args.shakespeare,
-                                                                         SHAKESPEARE_RUN)):
-            data = shutil.copy(text, os.path.join(tmp, os.path.basename(text)))
-            subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--data", data, "--prepare-only"],
-                           check=True, capture_output=True)  # tokenized once, before the timed runs
-            first = None
-            for setting, (dtype, fused) in TRAINING.items():
-                if dtype == "bfloat16" and not native_bf16(args.device):
-                    continue
-                argv = ["--data", data, "--out-dir", os.path.join(tmp, "out"), "--overwrite",
-                        "--device", args.device, "--dtype", dtype, *extra]
-                seconds, val, tokens = in_fresh_process("training_run", argv, fused)
-                first = first or seconds
-                rows.append((name, setting, f"{seconds:.0f} s", f"{tokens / seconds:,.0f}", f"{val:.3f}",
-                             f"{first / seconds:.2f}x"))
-    print("\n| train.py run | setting | start to end | tokens/s | final val loss | speed-up |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-
-
-# -----------------------------------------------------------------------------
 
 
 def print_table(args, n_params, rows):
     print(f"GPT-2 {args.n_layer} layers x {args.n_embd} ({n_params / 1e6:.1f}M parameters), random weights, "
           f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of "
           f"{args.reps} after {args.warmup} warm-up")
-    print("\n| measurement | gpt2.py | transformers | gpt2.py / transformers |\n| --- | ---: | ---: | ---: |")
+    print("\n| measurement | gpt2.py | peer: transformers, or the one named | gpt2.py / peer |\n"
+          "| --- | ---: | ---: | ---: |")
     for r in rows:
         print("| " + " | ".join(r) + " |")
 
@@ -378,11 +190,6 @@ def main():
     p.add_argument("--reps", type=int, default=3, help="timed runs per row and model (the median is shown)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
-    p.add_argument("--runs", action="store_true", help="instead: whole train.py runs, start to end, in each "
-                   "training setting: the book's run on --verdict and the Tiny Shakespeare recipe on "
-                   "--shakespeare")
-    p.add_argument("--verdict", default="data/the-verdict.txt", help="the text of the book's run")
-    p.add_argument("--shakespeare", default="data/tinyshakespeare.txt", help="Tiny Shakespeare's text")
     p.add_argument("--quick", action="store_true",
                    help="every row on a 2-layer model of width 64, timed once: a look in under a minute, "
                    "not figures to compare")
@@ -390,8 +197,6 @@ def main():
     if args.quick:
         vars(args).update(QUICK)
     args.device = pick_device(args.device)
-    if args.runs:
-        return whole_runs(args)
     if args.n_embd % args.n_head:
         raise UserError(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     if max(args.seq_len + 1, args.prompt_len + args.new_tokens, args.prefill) > GPTConfig.n_ctx:
@@ -492,6 +297,19 @@ def main():
     row("generation, greedy: ours as loaded (block matrices (out, in)) over them (in, out), speed-up",
         f"{t[in_out] / t[ours]:.2f}x")
     del in_out
+    if ctranslate2_installed():  # a C++ engine for inference on the same weights: float32, then int8 weights
+        for compute_type in ("float32", "int8"):
+            folder = os.path.join(checkpoints_root(args), f"ctranslate2-{compute_type}")
+            engine = ctranslate2_generator(theirs, folder, compute_type)
+            tokens = generate_ctranslate2(engine, idx, n)
+            if compute_type == "float32" and not torch.equal(tokens, generate(ours, idx, n, None, autocast)):
+                raise RuntimeError("CTranslate2 float32 chose other greedy tokens: the weights did not map over")
+            t = timed({"ours": lambda: generate(ours, idx, n, None, autocast),
+                       "engine": lambda: generate_ctranslate2(engine, idx, n)},  # noqa: B023 (called here)
+                      args, f"CTranslate2 {compute_type}")
+            row(f"generation, greedy, CTranslate2 {compute_type} as peer, tokens/s", f"{n / t['ours']:.1f}",
+                f"{n / t['engine']:.1f}", t["engine"] / t["ours"])
+            del engine
     row(f"generation, top-k {args.top_k}, tokens/s", f"{n / topk[ours]:.1f}", f"{n / topk[theirs]:.1f}",
         topk[theirs] / topk[ours])
     if args.generation_only:
@@ -538,7 +356,7 @@ def main():
     loads = {name: [] for name in runs}
     for i in tqdm(range(args.reps), desc="loading", leave=False):
         for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
-            loads[name].append(in_fresh_process("load_peak", *runs[name]))
+            loads[name].append(in_fresh_process("bench", "load_peak", *runs[name]))
     (sa, ba, pa), (sb, bb, pb) = ([statistics.median(v) for v in zip(*loads[n])] for n in ("ours", "theirs"))
     row(f"loading {weights / MB:.0f} MB of weights from the same Hugging Face folder, s", f"{sa:.2f}",
         f"{sb:.2f}", sa / sb)
@@ -555,7 +373,7 @@ def main():
                         ("generate", "greedy generation")):
         grow = {}
         for which in tqdm(("ours", "theirs"), desc=f"{phase} memory", leave=False):
-            before, peak_bytes = in_fresh_process("phase_peak", which, phase, vars(args))
+            before, peak_bytes = in_fresh_process("bench", "phase_peak", which, phase, vars(args))
             grow[which] = peak_bytes - before
         row(f"{what}, peak {kind} over the model's own, MB", f"{grow['ours'] / MB:.0f}",
             f"{grow['theirs'] / MB:.0f}", grow["ours"] / grow["theirs"])

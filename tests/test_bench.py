@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 import bench
+import peers
 from devices import native_bf16
 from files import save_atomic
 from gpt2 import GPT, GPTConfig
@@ -34,6 +35,7 @@ BENCH_ROWS = [
     ("training, float32: block matrices (out, in), as loaded, over (in, out)", 1),
     ("generation, greedy, 8 + 12 tokens", 3), ("generation, greedy, share of the bandwidth bound", 3),
     ("generation, greedy: ours as loaded (block matrices (out, in)) over them (in, out)", 1),
+    ("generation, greedy, CTranslate2 float32 as peer", 3), ("generation, greedy, CTranslate2 int8 as peer", 3),
     ("generation, top-k 50", 3), ("generation, greedy, no KV cache", 1), ("KV cache speed-up", 1),
     ("generation, greedy, batch 1 x (8 + 4)", 3), ("generation, greedy, batch 4", 3),
     ("generation, greedy, batch 8", 3), ("generation, greedy, batch 16", 3),
@@ -73,7 +75,7 @@ def test_bench_quick_prints_every_row_and_nothing_else(tmp_path):
     # The Hugging Face folder and the .pt it wrote (and keeps in the temp folder) hold the very
     # weights it benchmarked.
     (folder,) = tmp_path.glob("gpt2-bench-2x4x64-seed0")
-    ours, _ = bench.make_models(2, 4, 64, seed=0)
+    ours, _ = peers.make_models(2, 4, 64, seed=0)
     for kind in ("hf", "model.pt"):
         loaded = GPT.from_pretrained(str(folder / kind))
         for name, p in ours.state_dict().items():
@@ -87,22 +89,36 @@ def test_bench_generation_only_stops_after_batch_1(tmp_path):
     expected = [label for label, _ in BENCH_ROWS[:BENCH_ROWS.index(("generation, top-k 50", 3)) + 1]
                 if "training" not in label]
     assert len(labels) == len(expected) and all(l.startswith(e) for l, e in zip(labels, expected)), labels
-    assert not list(tmp_path.glob("gpt2-bench-*"))  # no checkpoints written for the loading rows
+    # no checkpoints written for the loading rows: only CTranslate2's converted weights
+    assert sorted(p.name for p in tmp_path.glob("gpt2-bench-*/*")) == ["ctranslate2-float32", "ctranslate2-int8"]
 
 
 def test_bench_models_compute_the_same():
-    ours, theirs = bench.make_models(2, 4, 64, seed=1)
+    ours, theirs = peers.make_models(2, 4, 64, seed=1)
     x = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours(x)[0], atol=1e-4, rtol=1e-4)
     no_autocast = bench.autocast_for("cpu")
-    a = bench.generate(ours, x[:1], 10, None, no_autocast)
-    assert torch.equal(a, bench.generate(theirs, x[:1], 10, None, no_autocast))
+    a = peers.generate(ours, x[:1], 10, None, no_autocast)
+    assert torch.equal(a, peers.generate(theirs, x[:1], 10, None, no_autocast))
     assert torch.equal(a, bench.generate_without_cache(ours, x[:1], 10, no_autocast))
-    assert bench.generate(theirs, x[:1], 10, 5, no_autocast).shape == (1, 30)  # top-k never stops early
+    assert peers.generate(theirs, x[:1], 10, 5, no_autocast).shape == (1, 30)  # top-k never stops early
     prompts = [x[0, :n].tolist() for n in (3, 20, 9)]
-    assert bench.generate_ragged(ours, prompts, 8, no_autocast) \
-           == bench.generate_ragged(theirs, prompts, 8, no_autocast)
+    assert peers.generate_ragged(ours, prompts, 8, no_autocast) \
+           == peers.generate_ragged(theirs, prompts, 8, no_autocast)
+
+
+def test_ctranslate2_peer_generates_our_greedy_tokens(tmp_path):
+    """CTranslate2 on transformers' copy of our weights, converted without tokenizer files: the same
+    greedy tokens in float32; in int8 (one scale per row) its logits are near enough to start alike."""
+    ours, theirs = peers.make_models(2, 4, 64, seed=2)
+    idx = torch.randint(0, 50257, (1, 12))
+    expected = peers.generate(ours, idx, 10, None, bench.autocast_for("cpu"))
+    engine = peers.ctranslate2_generator(theirs, str(tmp_path / "f32"), "float32")
+    assert torch.equal(peers.generate_ctranslate2(engine, idx, 10), expected)
+    int8 = peers.generate_ctranslate2(peers.ctranslate2_generator(theirs, str(tmp_path / "i8"), "int8"), idx, 10)
+    assert int8.shape == expected.shape and torch.equal(int8[:, :13], expected[:, :13])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f32", "i8"]  # written whole, renamed into place
 
 
 def test_bench_int8_perplexity_and_rows(tmp_path, run_main):

@@ -1,0 +1,107 @@
+"""Measuring on this machine: runs timed side by side, memory peaks, fresh processes, and the machine's
+own limits (matmul peak, memory bandwidth) that a model's figures are read against. bench.py's tools."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAINING = {  # the training rows: setting -> (number format, fused AdamW)
+    # (and in tools/bench_runs.py, glibc's default: see keep_freed_memory)
+    "float32, torch's defaults (foreach AdamW)": ("float32", False),
+    "float32, fused AdamW": ("float32", True),
+    "bfloat16 autocast, fused AdamW": ("bfloat16", True),
+}
+
+
+def sync(device):
+    if device != "cpu":
+        getattr(torch, device).synchronize()  # GPU work is asynchronous: wait before reading the clock
+
+
+def timed(fns, args, desc):
+    """{name: fn} -> {name: median seconds}. Runs alternate, the order flipping each round."""
+    times = {name: [] for name in fns}
+    order = list(fns)
+    with tqdm(total=(args.warmup + args.reps) * len(fns), desc=desc, leave=False) as bar:
+        for i in range(args.warmup + args.reps):
+            for name in order if i % 2 == 0 else order[::-1]:
+                sync(args.device)
+                t0 = time.perf_counter()
+                fns[name]()
+                sync(args.device)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+                bar.update()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def rss(field="VmRSS"):
+    """This process's resident memory in bytes (Linux): VmRSS now, VmHWM the peak since reset_peak()."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: the peak (VmHWM) restarts from the current RSS
+
+
+def memory_now_and_peak(device):
+    if device == "cuda":
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    return rss("VmRSS"), rss("VmHWM")
+
+
+def in_fresh_process(module, fn, *fn_args):
+    """module.fn(*fn_args) in a new Python process, in the project's folder; returns what it returns
+    (through JSON)."""
+    code = f"import json, {module}; print(json.dumps({module}.{fn}(*{fn_args!r})))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module}.{fn}{fn_args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -----------------------------------------------------------------------------
+# The machine's limits.
+
+
+def matmul_peak(args, dtype):
+    """FLOP/s of a large square matmul in dtype, the best any layer can hope for."""
+    n = 4096 if args.device == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
+    repeats = 8  # one call is too short to time steadily on a CPU that is still clocking up
+    seconds = timed({"matmul": lambda: [a @ b for _ in range(repeats)]}, args,
+                    f"{dtype} matmul")["matmul"] / repeats
+    return 2 * n**3 / seconds
+
+
+def read_bandwidth(args):
+    """Bytes/s of summing 1 GiB of fp32: reading memory as batch-1 generation reads its weights."""
+    big = torch.ones(2**28, device=args.device)
+    repeats = 4
+    seconds = timed({"sum": lambda: [big.sum() for _ in range(repeats)]}, args,
+                    "memory bandwidth")["sum"] / repeats
+    return big.numel() * 4 / seconds
+
+
+def matvec_bandwidth(args):
+    """Bytes/s of one token through a 1 GiB nn.Linear weight, (out, in) as gpt2.py keeps them, and
+    through the same weight stored (in, out): how fast the kernels batch-1 generation calls read."""
+    w = torch.randn(2**18, 2**10, device=args.device)  # (out, in)
+    wt, x = w.t().contiguous(), torch.randn(1, 2**10, device=args.device)  # (in, out)
+    t = timed({"out, in": lambda: F.linear(x, w), "in, out": lambda: x @ wt}, args, "matrix-vector product")
+    return {layout: w.numel() * 4 / seconds for layout, seconds in t.items()}
+
+

@@ -1,0 +1,99 @@
+"""The peers bench.py measures gpt2.py against, on the same weights: transformers' GPT2LMHeadModel and
+CTranslate2, a C++ engine for inference. Each is imported late: gpt2.py's loading rows must not carry it."""
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from gpt2 import GPT, GPTConfig, load_weights
+
+
+def make_models(n_layer, n_head, n_embd, seed):
+    """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel). Ours is
+    laid out as from_pretrained leaves any file (load_weights), as a user who loads weights has it."""
+    # imported late: gpt2.py's loading row must not carry it
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()  # its notes on our flags would land among the rows
+    torch.manual_seed(seed)
+    fresh = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    ours = load_weights(GPT.empty(fresh.config), fresh.state_dict(), "random weights").eval()
+    c = ours.config
+    theirs = GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    ))
+    theirs.load_state_dict({k: v.t() if k.endswith(GPT.CONV1D) else v for k, v in ours.state_dict().items()})
+    return ours, theirs.eval()
+
+
+@torch.no_grad()
+def generate(model, idx, new_tokens, top_k, autocast):
+    """new_tokens greedy (top_k None) or top-k sampled tokens after idx, no early stop."""
+    with autocast:
+        if isinstance(model, GPT):
+            return model.generate(idx, new_tokens, temperature=0 if top_k is None else 1.0, top_k=top_k)
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(do_sample=top_k is not None, top_k=top_k, max_new_tokens=new_tokens,
+                                  eos_token_id=None, pad_token_id=model.config.eos_token_id)
+        return model.generate(idx, attention_mask=torch.ones_like(idx), generation_config=config)
+
+
+@torch.no_grad()
+def generate_ragged(model, prompts, new_tokens, autocast):
+    """new_tokens greedy tokens after each of prompts (token-id lists of different lengths), as one
+    batch padded on the left: ours takes the lists; transformers takes the padded ids and a mask."""
+    with autocast:
+        if isinstance(model, GPT):
+            return model.generate(prompts, new_tokens, temperature=0)
+        from transformers import GenerationConfig
+
+        T, device = max(map(len, prompts)), model.device
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+        config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  eos_token_id=None, pad_token_id=0)
+        return [p + row[T:] for p, row in zip(prompts, model.generate(ids, attention_mask=mask,
+                                                                      generation_config=config).tolist())]
+
+
+def ctranslate2_installed():
+    """CTranslate2 is a peer only where it is installed (requirements-test.txt has it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ctranslate2") is not None
+
+
+def ctranslate2_generator(theirs, folder, compute_type):
+    """transformers' model -> CTranslate2's Generator on the same weights, converted into folder once, in
+    compute_type ("float32", "int8": its int8 weights, one scale per row, float32 activations). Its
+    tokens are the ids written as strings: no tokenizer files needed."""
+    import ctranslate2
+    from ctranslate2.converters.transformers import GPT2Loader
+
+    if not os.path.isdir(folder):
+        ids = [str(i) for i in range(theirs.config.vocab_size)]
+        eos = str(theirs.config.eos_token_id)
+        tokenizer = SimpleNamespace(bos_token=eos, eos_token=eos, unk_token=eos,
+                                    get_vocab=lambda: {s: i for i, s in enumerate(ids)})
+        with torch.no_grad():
+            spec = GPT2Loader()(theirs, tokenizer)
+        spec.validate()
+        spec.optimize(quantization=compute_type)
+        os.makedirs(folder + ".tmp", exist_ok=True)
+        spec.save(folder + ".tmp")
+        os.replace(folder + ".tmp", folder)
+    return ctranslate2.Generator(folder, device="cpu", compute_type=compute_type,
+                                 intra_threads=torch.get_num_threads())
+
+
+def generate_ctranslate2(generator, idx, new_tokens):
+    """new_tokens greedy tokens after idx (1, T), no early stop -> (1, T + new_tokens), as generate's."""
+    prompt = [str(i) for i in idx[0].tolist()]
+    result = generator.generate_batch([prompt], max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
+                                      include_prompt_in_result=False, end_token=[])
+    return torch.cat([idx, torch.tensor(result[0].sequences_ids, device=idx.device)], dim=1)
