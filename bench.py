@@ -22,16 +22,16 @@ import torch
 from tqdm import tqdm
 
 from cli import add_device_arg, argument_parser
-from devices import DTYPES, native_bf16, pick_device
+from devices import DTYPES, keep_freed_memory, native_bf16, pick_device
 from download_weights import write_hf
 from errors import UserError, run
 from files import save_atomic
 from gpt2 import GPT, GPTConfig
 from measure import (TRAINING, in_fresh_process, matmul_peak, matvec_bandwidth, memory_now_and_peak,
                      read_bandwidth, reset_peak, rss, timed)
-from peers import (ctranslate2_generator, ctranslate2_installed, generate, generate_ctranslate2, generate_ragged,
-                   make_models)
-from trainer import configure_optimizer, keep_freed_memory
+from peers import (ctranslate2_generator, ctranslate2_installed, generate, generate_ctranslate2,
+                   generate_ragged, make_models)
+from trainer import configure_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MB = 1e6

@@ -32,3 +32,13 @@ def plot_curves(path, xlabel, panels):
         ax.legend()
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_history(history, path):
+    """The losses (and accuracies, where a script measures them) of each evaluation, against tokens seen."""
+    tokens = history["tokens"]
+    panels = {"loss": {"train": (tokens, history["train"]), "validation": (tokens, history["val"])}}
+    if "val_accuracy" in history:
+        panels["accuracy"] = {"train": (tokens, history["train_accuracy"]),
+                              "validation": (tokens, history["val_accuracy"])}
+    return plot_curves(path, "tokens seen", panels)

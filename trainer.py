@@ -4,7 +4,6 @@ progress, checkpoints, Ctrl-C and --resume."""
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import math
 import os
@@ -19,12 +18,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import add_device_arg, add_overwrite_arg, add_renamed, number, progress_bar
-from devices import DTYPES, precision
+from devices import DTYPES, keep_freed_memory, precision
 from errors import UserError
 from files import check_out_files, lock_out_dir, read_checkpoint, save_atomic
 from gpt2 import GPT, GPTConfig, load_weights
 from loading import init_model
-from plots import plot_curves
+from plots import plot_history
 
 SAVE_EVERY = 600  # seconds: ckpt.pt is saved at an evaluation that comes later than this after the last save
 # (and at the end, at Ctrl-C and at SIGTERM). 124M's ckpt.pt is 1.5 GB, 3.6 s to write on a laptop's disk:
@@ -389,26 +388,3 @@ class StopRequest:
     def restore(self):
         for s, handler in self.saved.items():
             signal.signal(s, handler)
-
-
-def keep_freed_memory():
-    """glibc gives every large block back to the system when it is freed, so each training step page-faults
-    its big tensors (the 154 MB embedding gradient, the logits) in afresh: a fifth of a CPU step. Keep them:
-    large blocks come from the heap, which is never trimmed. (Linux with glibc; elsewhere nothing changes.)"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from malloc.h
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-
-
-def plot_history(history, path):
-    """The losses (and accuracies, where a script measures them) of each evaluation, against tokens seen."""
-    tokens = history["tokens"]
-    panels = {"loss": {"train": (tokens, history["train"]), "validation": (tokens, history["val"])}}
-    if "val_accuracy" in history:
-        panels["accuracy"] = {"train": (tokens, history["train_accuracy"]),
-                              "validation": (tokens, history["val_accuracy"])}
-    return plot_curves(path, "tokens seen", panels)
