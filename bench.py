@@ -21,7 +21,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from cli import add_device_arg, argument_parser
+from cli import SEED, add_device_arg, argument_parser, number
 from devices import DTYPES, keep_freed_memory, native_bf16, pick_device
 from download_weights import write_hf
 from errors import UserError, run
@@ -172,24 +172,25 @@ def print_table(args, n_params, rows):
 
 def main():
     p = argument_parser(__doc__)
-    p.add_argument("--n-layer", type=int, default=12, help="model size (the defaults are GPT-2 124M)")
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--n-embd", type=int, default=768)
-    p.add_argument("--batch-size", type=int, default=4, help="training batch")
-    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
-    p.add_argument("--prompt-len", type=int, default=32, help="generation prompt, batch 1")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
+    p.add_argument("--n-layer", type=number(int, 1), default=12, help="model size (the defaults are GPT-2 124M)")
+    p.add_argument("--n-head", type=number(int, 1), default=12)
+    p.add_argument("--n-embd", type=number(int, 1), default=768)
+    p.add_argument("--batch-size", type=number(int, 1), default=4, help="training batch")
+    p.add_argument("--seq-len", type=number(int, 1), default=256, help="training sequence length")
+    p.add_argument("--prompt-len", type=number(int, 1), default=32, help="generation prompt, batch 1")
+    p.add_argument("--new-tokens", type=number(int, 1), default=256, help="tokens generated per run")
     p.add_argument("--generation-only", action="store_true",
                    help="the machine's rows and batch-1 generation, nothing else (e.g. for the 355M shape: "
                    "--n-layer 24 --n-head 16 --n-embd 1024)")
-    p.add_argument("--batch-new-tokens", type=int, default=64,
+    p.add_argument("--batch-new-tokens", type=number(int, 1), default=64,
                    help="tokens generated per row in the batch rows")
-    p.add_argument("--top-k", type=int, default=50, help="k of the top-k sampling row")
-    p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill row")
+    p.add_argument("--top-k", type=number(int, 1), default=50, help="k of the top-k sampling row")
+    p.add_argument("--prefill", type=number(int, 1), default=1024, help="prompt length of the prefill row")
     add_device_arg(p)
-    p.add_argument("--reps", type=int, default=3, help="timed runs per row and model (the median is shown)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    p.add_argument("--reps", type=number(int, 1), default=3,
+                   help="timed runs per row and model (the median is shown)")
+    p.add_argument("--warmup", type=number(int, 0), default=1, help="untimed runs first")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random weights and tokens")
     p.add_argument("--quick", action="store_true",
                    help="every row on a 2-layer model of width 64, timed once: a look in under a minute, "
                    "not figures to compare")

@@ -41,6 +41,9 @@ def number(kind, low, high=math.inf):
     return check
 
 
+SEED = number(int, 0, 2**63 - 1)  # --seed's type: what torch.manual_seed takes
+
+
 class Renamed(argparse.Action):
     """A flag's old name: one line that gives the new one."""
 

@@ -14,7 +14,7 @@ from itertools import takewhile
 
 import torch
 
-from cli import add_device_arg, argument_parser, number
+from cli import SEED, add_device_arg, argument_parser, number
 from devices import check_memory, pick_device
 from errors import UserError, run
 from instruction import format_prompt
@@ -52,7 +52,7 @@ def main():
                         help="sample among the k likeliest tokens (GPT-2's paper used 40); 0 = all")
     parser.add_argument("--top-p", type=number(float, 0, 1), default=None,
                         help="sample among the fewest tokens whose probabilities sum to p")
-    parser.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=1337,
+    parser.add_argument("--seed", type=SEED, default=1337,
                         help="the same seed gives the same text")
     parser.add_argument("--num-samples", type=number(int, 1), default=1,
                         help="samples of the same prompt, generated as one batch")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import add_device_arg, add_overwrite_arg, add_renamed, number, progress_bar
+from cli import SEED, add_device_arg, add_overwrite_arg, add_renamed, number, progress_bar
 from devices import DTYPES, keep_freed_memory, precision
 from errors import UserError
 from files import check_out_files, lock_out_dir, read_checkpoint, save_atomic
@@ -68,7 +68,7 @@ def add_training_args(parser, **defaults):
     add("--dtype", choices=list(DTYPES), default="float32", help="number format of training and evaluation: "
         "bfloat16 where the CPU (AMX, AVX-512 BF16, Arm BF16) or GPU computes it; float16 on GPUs")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--seed", type=number(int, 0, 2**63 - 1), default=123,
+    add("--seed", type=SEED, default=123,
         help="for the initial weights, the order of the data and dropout")
     for old, new in (("--out", "--out-dir"), ("--max-steps", "--max-iters"),
                      ("--max-length", "--context-length")):

@@ -99,11 +99,17 @@ def test_a_full_disk_while_tokenizing_leaves_no_shard_behind(tmp_path, run_main,
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "tools/stress_resume.py"])
 def test_a_seed_past_what_torch_takes_names_the_flag(script, tmp_path, run_main):
     r = run_main(script, "--seed", "99999999999999999999999", "--out-dir", tmp_path) if script == "train.py" \
         else run_main(script, "--seed", "99999999999999999999999")
     assert r.returncode == 2 and r.stderr.startswith("error: argument --seed: must be an integer from 0 to ")
+
+
+@pytest.mark.parametrize("flag", ["--n-layer", "--reps", "--new-tokens", "--warmup"])
+def test_bench_sizes_below_their_range_are_bad_flags(flag, run_main):
+    r = run_main("bench.py", flag, "-1")
+    assert r.returncode == 2 and r.stderr.startswith(f"error: argument {flag}: must be an integer >= ")
 
 
 def test_a_window_no_corpus_can_fill_is_refused_before_the_model_is_made(tmp_path, run_main):

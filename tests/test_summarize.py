@@ -142,7 +142,8 @@ def tldr_run(tmp_path_factory):
 def test_summarize_downloads_tldr_into_data_resuming_a_dropped_transfer(tldr_run):
     folder, r, requests = tldr_run
     for name in fs.SPLITS:
-        assert (folder / "data" / "tldr" / f"{name}.jsonl").read_bytes() == (FIXTURE / f"{name}.jsonl").read_bytes()
+        got = (folder / "data" / "tldr" / f"{name}.jsonl").read_bytes()
+        assert got == (FIXTURE / f"{name}.jsonl").read_bytes()
     assert requests[0] == ("/train.jsonl", f"bytes={PARTIAL}-")  # only what the partial file lacked
     assert [path for path, _ in requests[1:]] == ["/valid.jsonl", "/valid.jsonl", "/test.jsonl"]  # a retry
     assert "retry 1/2" in r.stderr
@@ -162,7 +163,8 @@ def test_summarize_writes_each_greedy_summary_beside_its_reference(tldr_run):
     assert [(e["instruction"], e["input"], e["output"], e["id"]) for e in entries] == \
            [(fs.INSTRUCTION, r["post"], r["summary"], r["id"]) for r in records]
     model, tok = GPT.from_pretrained(str(folder / "out" / "best.pt")), Tokenizer()
-    assert model.config.n_ctx == 256 and torch.load(folder / "out" / "best.pt", weights_only=True)["step"] in (0, 2, 4)
+    assert model.config.n_ctx == 256
+    assert torch.load(folder / "out" / "best.pt", weights_only=True)["step"] in (0, 2, 4)
     for entry, record in zip(entries, records):
         ids = tok.encode(fs.tldr_prompt(record))
         with torch.no_grad():
@@ -276,7 +278,8 @@ def test_summarize_a_single_file_is_split_and_a_json_list_names_the_entry(tmp_pa
     assert [e["input"] for e in entries] == [r["post"] for r in records[25:28]]
     assert [e["title_baseline"] for e in entries] == [fs.first_sentences(r["post"], 1) for r in records[25:28]]
     path.write_text(json.dumps([{"document": "d", "summary": "s"}, {"document": "d"}]))
-    line = one_line_error(run_main("finetune_summarize.py", *SUM_TINY, "--data", path, "--out-dir", tmp_path / "o2"))
+    line = one_line_error(run_main("finetune_summarize.py", *SUM_TINY, "--data", path,
+                                   "--out-dir", tmp_path / "o2"))
     assert f"{path} entry 1: no 'summary' field" in line
 
 

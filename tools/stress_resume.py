@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cli import argument_parser, number
+from cli import SEED, argument_parser, number
 from errors import run
 
 TRAIN = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py")]
@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--data", default="data/the-verdict.txt",
                         help="text to train on (copied into a temp folder)")
     parser.add_argument("--tries", type=number(int, 1), default=20, help="interrupted runs to compare")
-    parser.add_argument("--seed", type=int, default=0, help="for the moments of the Ctrl-C")
+    parser.add_argument("--seed", type=SEED, default=0, help="for the moments of the Ctrl-C")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
