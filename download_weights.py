@@ -254,8 +254,7 @@ def from_hub_cache(hf_hub_download, repo, name, endpoint, dest, url):
 
 def export_hf(spec, out, overwrite):
     check_out_files([os.path.join(out, name) for name in HF_FILES], overwrite)
-    source = check_source(spec)
-    model = load_model(spec, reads_text=False)
+    model, source = load_model(spec, reads_text=False), model_path(spec)
     if model.config.positions != "learned":
         raise UserError(f"{spec} has rotary positions, which GPT-2's Hugging Face format cannot hold (it "
                         "learns a vector per position): it runs here, with sample.py")
@@ -275,7 +274,6 @@ def export_gguf(spec, out, gguf_type, overwrite):
             raise
         raise UserError("--export-gguf writes with the gguf package: pip install gguf") from None
     check_out_files([out], overwrite)
-    check_source(spec)
     model, tokenizer = load_model(spec), load_tokenizer(spec)  # a vocabulary of GPT-2's tokens
     name = os.path.splitext(os.path.basename(os.path.normpath(spec)))[0]
     with disk_space(out), replaced(out) as tmp:
@@ -283,17 +281,6 @@ def export_gguf(spec, out, gguf_type, overwrite):
     print(f"{out}: a GGUF file ({gguf_type}), its tokenizer inside: llama.cpp runs it (llama-completion "
           f"-m {out} -p TEXT), Ollama from a Modelfile with FROM ./{os.path.basename(out)} "
           "(see docs/weights.md)")
-
-
-def check_source(spec):
-    """A model to export -> its path; a Hugging Face folder that lacks its config.json is one line."""
-    source = model_path(spec)
-    if os.path.isfile(os.path.join(source, "model.safetensors")) and \
-            not os.path.isfile(os.path.join(source, "config.json")):
-        raise UserError(f"{os.path.join(source, 'config.json')} not found: a Hugging Face folder needs the "
-                        "config.json that came with its model.safetensors (for GPT-2's own sizes: "
-                        "python download_weights.py --source huggingface)")
-    return source
 
 
 def main():

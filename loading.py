@@ -29,9 +29,15 @@ UNREAD_FORMATS = {"pytorch_model.bin": "transformers' older pickle format",
 
 
 def check_format(path):
-    """A model folder in a format gpt2.py does not read: one line saying how to make one it reads."""
-    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, name))
-                                      for name in ("model.safetensors", "hparams.json")):
+    """A model folder in a format gpt2.py does not read, or a Hugging Face folder without its config.json:
+    one line saying how to make one it reads."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "hparams.json")):
+        return
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{os.path.join(path, 'config.json')} not found: a Hugging Face folder needs the "
+                            "config.json that came with its model.safetensors (for GPT-2's own sizes: "
+                            "python download_weights.py --source huggingface)")
         return
     for name, what in UNREAD_FORMATS.items():
         if os.path.isfile(os.path.join(path, name)):

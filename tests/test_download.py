@@ -527,3 +527,19 @@ def test_bad_download_leaves_no_empty_model_folder(tmp_path):
     assert not (tmp_path / "124M").exists()
 
 
+
+
+@pytest.mark.parametrize("argv", [["sample.py", "--max-new-tokens", "1", "--model", "{model}"],
+                                  ["explore.py", "--next", "Every", "--model", "{model}"],
+                                  ["download_weights.py", "--export-gguf", "{model}", "{out}/m.gguf"],
+                                  ["download_weights.py", "--export-hf", "{model}", "{out}/hf"]])
+def test_a_hugging_face_folder_without_config_json_is_one_line_everywhere(argv, tmp_path, run_main):
+    """model.safetensors alone: every script that loads it says which file is missing and where to get it,
+    not [Errno 2]."""
+    folder = tmp_path / "no-config"
+    hf_twin(tiny_model()).save_pretrained(folder)
+    (folder / "config.json").unlink()
+    line = one_line_error(run_main(*[a.format(model=folder, out=tmp_path) for a in argv]))
+    assert line == f"error: {folder / 'config.json'} not found: a Hugging Face folder needs the config.json " \
+                   "that came with its model.safetensors (for GPT-2's own sizes: python download_weights.py " \
+                   "--source huggingface)"
