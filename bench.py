@@ -10,6 +10,8 @@ bandwidth that bounds batch-1 generation, where every weight is read once per ne
     python bench.py --reps 5 --device cuda
 """
 
+import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below quits quietly)
+
 import argparse
 import copy
 import os

@@ -19,6 +19,8 @@ address), through huggingface_hub's cache where huggingface_hub is installed. --
 and --export-gguf MODEL FILE take any model the scripts load: a size name, a model folder or a .pt.
 """
 
+import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below quits quietly)
+
 import contextlib
 import json
 import os

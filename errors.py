@@ -7,15 +7,14 @@ import signal
 import sys
 import traceback
 
-import torch
-
 
 class UserError(Exception):
     """Bad input a user can fix: printed as one line, without a traceback."""
 
 
 def out_of_memory(e):
-    return (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"  # (torch's, not imported here)
+            or "can't allocate memory" in str(e)
             or "not enough memory" in str(e))
 
 
@@ -29,6 +28,18 @@ def os_error_line(e):
     return f"{where}{e.strerror or e}"
 
 
+def quit_quietly(signum, frame):
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+# A Ctrl-C in a script's first seconds, while it imports torch: exit 130 without a traceback. Each script
+# imports this module first; run() then gives Ctrl-C back to Python. (Where the shell made the script ignore
+# Ctrl-C, as `cmd &` does, it stays ignored.)
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, quit_quietly)
+
+
 def stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # a kill is a Ctrl-C: the same clean stop, however the process was started
 
@@ -36,6 +47,8 @@ def stop_on_sigterm(signum, frame):
 def run(main):
     """Run a script's main() and end it as the module's docstring says. GPT2_DEBUG=1 shows every traceback."""
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    if signal.getsignal(signal.SIGINT) is quit_quietly:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a KeyboardInterrupt, caught below
     try:
         main()
     except (UserError, OSError, MemoryError, RuntimeError) as e:

@@ -14,6 +14,8 @@ A word (--neighbors, --analogy, --words) is read as it appears after a space in 
 (' king'), and must be a single token.
 """
 
+import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below quits quietly)
+
 import math
 import os
 import re

@@ -11,6 +11,8 @@ checkpoint: LoRA is merged into the weights), ckpt.pt for --resume, loss.png, an
 the best model's answers to the test split beside the references.
 """
 
+import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below quits quietly)
+
 import os
 
 from cli import add_model_args, add_renamed, argument_parser, check_size_args, number

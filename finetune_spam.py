@@ -15,6 +15,8 @@ is kept (--patience stops early after that many evaluations without a lower one)
 tools/spam_seeds.py runs the same fine-tuning over several seeds and tabulates them.
 """
 
+import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below quits quietly)
+
 import os
 import sys
 import time

@@ -14,6 +14,8 @@ reference and the generated summaries side by side, in the format finetune_instr
 and metrics.json (ROUGE-1, ROUGE-2 and ROUGE-L F1 of the model and of both baselines).
 """
 
+import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below quits quietly)
+
 import json
 import os
 import re

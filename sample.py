@@ -10,6 +10,8 @@ a Hugging Face GPT-2 folder) or a checkpoint written by this project's scripts. 
 model's context window is an error; the generated text itself may run past it (the window then slides).
 """
 
+import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below quits quietly)
+
 from itertools import takewhile
 
 import torch

@@ -16,6 +16,8 @@ The text is tokenized once (corpus.py), then split by tokens: the first 90% trai
 validate, each cut into windows of context_length tokens with stride context_length.
 """
 
+import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below quits quietly)
+
 import math
 import os
 import sys

@@ -248,3 +248,16 @@ def test_every_missing_prerequisite_is_named_at_once(tmp_path, monkeypatch, run_
     line = one_line_error(run_main("finetune_instruct.py", "--data", "mine.json"))
     assert "GPT-2 355M's weights in models/355M" in line and "and --data mine.json (not found)" in line
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "finetune_spam.py"])
+def test_ctrl_c_while_the_script_imports_torch_exits_130_without_a_traceback(script):
+    """The first seconds of a run are imports (torch alone takes a second or more): a Ctrl-C then is a
+    quiet stop, as it is once training runs."""
+    p = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # Python is up and errors.py imported; torch is still importing
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert out == "" and "usage:" not in out  # stopped before argparse could print --help
+    assert (p.returncode, err) == (130, "interrupted\n")
