@@ -203,13 +203,14 @@ def test_bad_two_preparations_at_once_make_one_cache(tmp_path):
     with corpus.cache_lock(str(tmp_path / "corpus.tokens"), exclusive=True):
         runs = [subprocess.Popen(prepare_only(folder, "--workers", 2), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        time.sleep(5)
+        # held until both say they wait: each one's first line (read as it comes; however slow the start)
+        waited = [p.stderr.readline() for p in runs]
+        assert all("waiting for another process to finish preparing" in line for line in waited), waited
         assert all(p.poll() is None for p in runs)  # both wait
     outs = [p.communicate(timeout=300) for p in runs]
     assert [p.returncode for p in runs] == [0, 0], outs
     expected = clean_tokens(folder, tmp_path)
     assert all(out.strip().splitlines()[-1] == f"{len(expected):,} tokens" for out, _ in outs)
-    assert all("waiting for another process to finish preparing" in err for _, err in outs)
     assert sum("tokenized" in out for out, _ in outs) == 1  # one preparation; the other read its cache
     assert np.array_equal(load_tokens(str(folder), Tokenizer())[:], expected)
     assert not list((tmp_path / "corpus.tokens").glob("*.tmp"))
