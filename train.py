@@ -9,7 +9,8 @@ GPT-2 124M from scratch on the-verdict.txt, context 256, batch 2, AdamW 4e-4, 10
     python train.py --data corpus/ --prepare-only     # tokenize into corpus.tokens/ (see corpus.py),
                                                       # then exit
     python train.py --data corpus/ --max-iters 5000 --warmup-iters 200 --min-lr 4e-5 --grad-clip 1.0
-    torchrun --nproc_per_node=4 train.py --batch-size 8   # data-parallel; same global batch, same losses
+    python train.py --nproc-per-node 4 --batch-size 8     # data-parallel; same global batch, same losses
+                                                      # (torchrun --nproc_per_node=4 train.py ... too)
     python train.py --eval-only --init-from gpt2 --data some.txt
 
 The text is tokenized once (corpus.py), then split by tokens: the first 90% train and the last 10%
@@ -32,6 +33,7 @@ from corpus import WORKERS, load_tokens
 from devices import check_training_memory, pick_device, precision
 from errors import UserError, run
 from fetch import ensure_file
+from launcher import launch
 from loading import check_prerequisites, load_tokenizer
 from trainer import Task, Trainer, add_training_args, build_model, check_batches, configure_optimizer, \
     micro_batches, start_run
@@ -69,6 +71,9 @@ def parse_args():
                         "story by heart as the book shows; None: book for the book's run (the default --data "
                         "from scratch), gpt2 for every other")
     add_training_args(parser, epochs=10, batch_size=2, lr=4e-4)
+    parser.add_argument("--nproc-per-node", type=number(int, 1), default=1,
+                        help="processes that train side by side on this machine (one per GPU), each on its "
+                        "share of every --batch-size: the losses of one process, in less time")
     args = parser.parse_args()
     book_run = args.data == DEFAULT_DATA and args.init_from == "scratch"
     if args.init is None and not args.resume:
@@ -78,6 +83,8 @@ def parse_args():
     if args.context_length is None and args.init_from == "scratch" and not args.resume:
         args.context_length = BOOK_CONTEXT
     check_size_args(args)
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:  # not yet one of the copies launch() starts
+        launch(args.nproc_per_node)
     if args.eval_only or args.prepare_only:
         return args, None
     check_prerequisites(args.init_from, args.data, DEFAULT_DATA)

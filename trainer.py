@@ -383,7 +383,8 @@ class StopRequest:
     def request(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping: saving after this step (Ctrl-C again quits without saving)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (each of torchrun's processes is told)
+            print("\nstopping: saving after this step (Ctrl-C again quits without saving)", file=sys.stderr)
 
     def restore(self):
         for s, handler in self.saved.items():

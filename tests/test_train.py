@@ -1,7 +1,11 @@
 """train.py: tiny runs on the real the-verdict.txt."""
 
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import tiktoken
 import torch
@@ -9,7 +13,7 @@ from torch.nn import functional as F
 
 from corpus import load_tokens
 from gpt2 import GPT, Tokenizer
-from tests.helpers import (TRAIN_TINY, assert_bitwise_equal, free_port, one_line_error, run_script,
+from tests.helpers import (ROOT, TRAIN_TINY, assert_bitwise_equal, free_port, one_line_error, run_script,
                            stop_then_resume, train_args, train_load, train_run, train_verdict)
 
 
@@ -50,11 +54,12 @@ def test_train_tiny_learns_and_reports_true_losses(tmp_path):
     assert f"{len(all_windows)} windows of 32 tokens, loss {loss:.4f}" in r.stdout
 
 
-def test_train_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
+def test_train_resume_after_ctrl_c_is_bitwise_exact(tmp_path, run_main):
     data = train_verdict(tmp_path)
     args = ["--data", data, *TRAIN_TINY, "--max-iters", "60", "--batch-size", "2", "--eval-interval", "5",
             "--dropout", "0.1"]
-    a, b, stopped_at, stdout = stop_then_resume("train.py", args, tmp_path / "straight", tmp_path / "stopped")
+    a, b, stopped_at, stdout = stop_then_resume("train.py", args, tmp_path / "straight", tmp_path / "stopped",
+                                                run_main)
     assert 1 <= stopped_at < 60 \
            and f"python train.py --resume --out-dir {tmp_path / 'stopped'} continues" in stdout
     assert a["step"] == 60
@@ -75,6 +80,32 @@ def test_train_two_processes_match_one(tmp_path):
     for key in ("loss", "train", "val"):
         assert max(abs(x - y) for x, y in zip(one[key], two[key])) < 1e-5, key
     assert one["loss"][-1] < one["loss"][0]  # it did train
+
+
+def test_train_launcher_ctrl_c_saves_once_exits_130_and_resumes_to_the_losses_of_one(tmp_path, run_main):
+    """python train.py --nproc-per-node 2, and a Ctrl-C at the terminal (SIGINT to its process group): each
+    copy is told once, by the launcher, so they save and it exits 130 without a traceback (torchrun's own
+    launcher prints its SignalException's). --resume then ends where one process does, loss for loss."""
+    data = train_verdict(tmp_path)
+    run = ["--max-iters", 12, "--batch-size", 4, "--eval-interval", 2, "--dropout", 0, "--lr", 1e-3]
+    args = train_args(data, tmp_path / "two", *run, "--nproc-per-node", 2)
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while not (tmp_path / "two" / "best.pt").exists() and p.poll() is None:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGINT)  # what a Ctrl-C at the terminal does
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.count("stopping: saving after this step") == 1 and "2 process(es)" in out
+    stopped_at = train_load(tmp_path / "two" / "ckpt.pt")["step"]
+    assert 1 <= stopped_at < 12
+    r = run_script("train.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_main("train.py", *train_args(data, tmp_path / "one", *run)).returncode == 0
+    one, two = (train_load(tmp_path / run / "ckpt.pt") for run in ("one", "two"))
+    assert one["step"] == two["step"] == 12 and len(two["history"]["loss"]) == 12
+    for key in ("loss", "train", "val"):
+        assert max(abs(x - y) for x, y in zip(one["history"][key], two["history"][key])) < 1e-5, key
 
 
 def test_train_from_many_shards_gives_the_losses_of_one(tmp_path, monkeypatch):
