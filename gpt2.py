@@ -276,7 +276,7 @@ class GPT(nn.Module):
                 # (re)start from the last n_ctx tokens: a full window moves every position each step
                 cut, idx = max(idx.size(1) - n_ctx, 0), idx[:, -n_ctx:]
                 pad = None if pad is None else (pad - cut).clamp(min=0)
-                caches = [KVCache(idx.size(0), length, self.config, idx.device, self.lm_head.weight.dtype)
+                caches = [KVCache(len(idx), length, self.config, idx.device, self.transformer.wte.weight.dtype)
                           for _ in range(self.config.n_layer)]
             x = self.hidden_states(idx[:, caches[0].len:], caches, pad)  # what the caches have not seen
             logits = self.lm_head(x[:, -1, :])[:, :GPTConfig.vocab_size]  # no extra ids of a padded vocab
@@ -298,7 +298,7 @@ class GPT(nn.Module):
             return torch.cat([prompts, *self.stream(prompts, *settings)], dim=1)
         if not prompts or not all(prompts):
             raise ValueError("give a non-empty list of prompts, each at least one token")
-        T, device = max(map(len, prompts)), self.lm_head.weight.device
+        T, device = max(map(len, prompts)), self.transformer.wte.weight.device
         batch = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
         pad = torch.tensor([T - len(p) for p in prompts], device=device)
         rows = torch.cat([batch[:, :0], *self.stream(batch, *settings, pad)], dim=1).tolist()  # the new ids
@@ -381,12 +381,11 @@ def read_openai(folder):
 
 def read_hf(folder):
     """Hugging Face's config.json + model.safetensors (memory-mapped), named as save_pretrained or the Hub."""
-    from safetensors import SafetensorError  # needed only here
-    from safetensors.torch import load_file
+    import safetensors.torch  # needed only here
     config, path = read_config(os.path.join(folder, "config.json")), os.path.join(folder, "model.safetensors")
     try:
-        tensors = load_file(path)  # each page is read from disk when first used
-    except SafetensorError as e:
+        tensors = safetensors.torch.load_file(path)  # each page is read from disk when first used
+    except safetensors.SafetensorError as e:
         raise ValueError(f"{path} is not a whole safetensors file ({e})") from None
     skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")  # older files' causal masks; the tied head
     state = {k.removeprefix("transformer."): t for k, t in tensors.items() if not k.endswith(skip)}

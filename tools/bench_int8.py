@@ -3,9 +3,9 @@
     # from the project's folder
     python -m tools.bench_int8 --model out-shakespeare/best.pt --text heldout.txt
 
-The int8 model is PyTorch's dynamic quantization of the blocks' linear layers: weights stored as
-int8 with one scale per output row, activations quantized on the fly (the output head, tied to
-the token embedding, stays fp32). Two figures, each side by side in one process:
+The int8 model is int8.py's (`python sample.py --int8`): every matrix, the output head included, stored
+as int8 with one scale per output row, the activations quantized on the fly. Two figures, each side by side
+in one process:
 
 - speed: greedy generation on random weights of the --n-layer/--n-head/--n-embd shape (124M by
   default), the two models taking turns, median of --reps runs after a warm-up;
@@ -13,30 +13,17 @@ the token embedding, stays fp32). Two figures, each side by side in one process:
   was not trained on, read in windows of its context length.
 """
 
-import copy
 import math
 import statistics
 import time
-import warnings
 
 import torch
-import torch.nn as nn
 
 from cli import argument_parser, number
 from errors import run
 from gpt2 import GPT, GPTConfig
+from int8 import quantize
 from loading import load_model, load_tokenizer
-
-
-def quantized(model):
-    """A copy of model whose blocks' nn.Linear layers keep int8 weights."""
-    from torch.ao.quantization import quantize_dynamic
-
-    q = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's eager quantization is marked for migration to torchao
-        quantize_dynamic(q.transformer.h, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    return q
 
 
 @torch.no_grad()
@@ -81,13 +68,13 @@ def main():
     model = load_model(args.model)
     with open(args.text, encoding="utf-8") as f:
         ids = load_tokenizer(args.model).encode(f.read())
-    a, b = perplexity(model, ids), perplexity(quantized(model), ids)
+    a, b = perplexity(model, ids), perplexity(quantize(model), ids)
     rows.append((f"perplexity of {args.model} on {args.text} ({len(ids):,} tokens)", f"{a:.3f}", f"{b:.3f}",
                  f"{b / a:.4f}x"))
 
     torch.manual_seed(0)
     fp32 = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).eval()
-    models = {"fp32": fp32, "int8": quantized(fp32)}
+    models = {"fp32": fp32, "int8": quantize(fp32)}
     prompt = torch.randint(0, fp32.config.vocab_size, (1, args.prompt_len))
     s = speeds(models, prompt, args.new_tokens, args.reps)
     n_params = sum(p.numel() for p in fp32.parameters()) / 1e6
