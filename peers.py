@@ -72,8 +72,17 @@ def ctranslate2_generator(theirs, folder, compute_type):
     """transformers' model -> CTranslate2's Generator on the same weights, converted into folder once, in
     compute_type ("float32", "int8": its int8 weights, one scale per row, float32 activations). Its
     tokens are the ids written as strings: no tokenizer files needed."""
-    import ctranslate2
-    from ctranslate2.converters.transformers import GPT2Loader
+    # Its OpenMP threads, left to wait actively, keep the cores busy between its calls and slow ours to
+    # 0.65x; a passive wait costs it nothing measurable. Its OpenMP reads this once, as it loads.
+    waiting, os.environ["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY"), "PASSIVE"
+    try:
+        import ctranslate2
+        from ctranslate2.converters.transformers import GPT2Loader
+    finally:
+        if waiting is None:
+            del os.environ["OMP_WAIT_POLICY"]
+        else:
+            os.environ["OMP_WAIT_POLICY"] = waiting
 
     if not os.path.isdir(folder):
         ids = [str(i) for i in range(theirs.config.vocab_size)]
@@ -97,3 +106,35 @@ def generate_ctranslate2(generator, idx, new_tokens):
     result = generator.generate_batch([prompt], max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
                                       include_prompt_in_result=False, end_token=[])
     return torch.cat([idx, torch.tensor(result[0].sequences_ids, device=idx.device)], dim=1)
+
+
+def llama_cpp_installed():
+    """llama.cpp (llama-cpp-python) is a peer only where it is installed: it is built from source."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_cpp_model(ours, path, gguf_type):
+    """llama.cpp on our GGUF export of ours (gguf_export.py), written to path once: f32, or q8_0 (int8 in
+    blocks of 32, one scale each). Its keys and values cached in float32, as ours are."""
+    import llama_cpp
+
+    from gguf_export import write_gguf
+    from gpt2 import Tokenizer
+
+    if not os.path.isfile(path):
+        write_gguf(ours, Tokenizer(), path + ".tmp", gguf_type)
+        os.replace(path + ".tmp", path)
+    return llama_cpp.Llama(model_path=path, n_ctx=ours.config.n_ctx, type_k=0, type_v=0, flash_attn=False,
+                           n_threads=torch.get_num_threads(), seed=0, verbose=False)
+
+
+def generate_llama_cpp(llm, idx, new_tokens):
+    """new_tokens greedy tokens after idx (1, T), no early stop -> (1, T + new_tokens), as generate's."""
+    new = []
+    for token in llm.generate(idx[0].tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        new.append(token)
+        if len(new) == new_tokens:
+            break
+    return torch.cat([idx, torch.tensor([new], device=idx.device)], dim=1)
