@@ -110,6 +110,7 @@ def start_worker(tokenizer, parent):
     worker_tokenizer = tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which then ends the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's Pool.terminate(): end at once, quietly
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # (held while it forked)
     threading.Thread(target=end_with, args=(parent,), daemon=True).start()
 
 
@@ -137,7 +138,14 @@ def encode_in_order(tokenizer, pieces, workers):
         for tag, text in pieces:
             yield tag, encode_piece(text, tokenizer)
         return
-    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(tokenizer, os.getpid())) as pool:
+    # A Ctrl-C or SIGTERM in the middle of a fork would raise inside fork's own handlers (filelock has
+    # some), where Python only prints it and goes on: held until the workers are started.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        pool = multiprocessing.Pool(workers, initializer=start_worker, initargs=(tokenizer, os.getpid()))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    with pool:
         pending = deque()
         for tag, text in pieces:
             pending.append((tag, pool.apply_async(encode_piece, (text,))))
