@@ -9,6 +9,7 @@ import torch
 
 from errors import UserError
 from gpt2 import GPTConfig
+from loading import byte_spelling
 
 # --gguf-type: the file type it declares, and the type of its matrices. Vectors (biases, layer norms) and the
 # position embedding stay float32, as llama.cpp's own converter keeps them; a matrix whose rows do not split
@@ -17,16 +18,6 @@ TYPES = {"f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
          "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
          "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0)}
 LAYER_NORM_EPS = 1e-5  # GPT-2's (gpt2.LayerNorm)
-
-
-def byte_spelling():
-    """byte -> the printable character GPT-2's tokenizer files (encoder.json, vocab.bpe, the Hub's
-    vocab.json) spell it with: '!'..'~', '¡'..'¬' and '®'..'ÿ' as themselves, the other 68 bytes as
-    chr(256), chr(257), ... in byte order. llama.cpp reads tokens and merges spelled this way."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in kept]
-    return {b: chr(b) for b in kept} | {b: chr(256 + i) for i, b in enumerate(moved)}
 
 
 def merged_from(piece, ranks):

@@ -88,19 +88,31 @@ def quiet_stderr():
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
+def byte_spelling():
+    """byte -> the printable character GPT-2's tokenizer files (encoder.json, vocab.bpe, the Hub's
+    vocab.json) spell it with: '!'..'~', '¡'..'¬' and '®'..'ÿ' as themselves, the other 68 bytes as
+    chr(256), chr(257), ... in byte order. llama.cpp reads tokens and merges spelled this way."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {b: chr(b) for b in kept} | {b: chr(256 + i) for i, b in enumerate(moved)}
+
+
+def vocabulary_file(folder):
+    """folder's token -> id table: OpenAI's encoder.json, or the same table as Hugging Face names it."""
+    paths = [os.path.join(folder, name) for name in ("encoder.json", "vocab.json")]
+    return next((path for path in paths if os.path.isfile(path)), None)
+
+
 def openai_tokenizer(folder):
-    """A Tokenizer from folder/encoder.json (token -> id)."""
-    path = os.path.join(folder, "encoder.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: GPT-2's tokenizer is read from a model folder's "
-                                "encoder.json")
+    """A Tokenizer from folder's encoder.json (token -> id), or vocab.json in a Hugging Face folder."""
+    path = vocabulary_file(folder)
+    if path is None:
+        raise FileNotFoundError(f"{os.path.join(folder, 'encoder.json')} not found: GPT-2's tokenizer is "
+                                "read from a model folder's encoder.json (or vocab.json)")
     with open(path, encoding="utf-8") as f:
         encoder = json.load(f)
-    # encoder.json spells each byte as a printable character: bytes '!'..'~', '¡'..'¬' and '®'..'ÿ'
-    # as themselves, the other 68 (space, control bytes, ...) as chr(256), chr(257), ... in byte order.
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in kept]
-    byte_of = {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+    byte_of = {spelling: b for b, spelling in byte_spelling().items()}
     # OpenAI numbered the 256 bytes first, then each merge in the order it was learned (vocab.bpe's
     # lines), so a token's id is also its merge rank: lower merges first, which is all BPE needs.
     ranks = {bytes(byte_of[c] for c in token): i for token, i in encoder.items() if token != "<|endoftext|>"}
@@ -110,13 +122,13 @@ def openai_tokenizer(folder):
 
 
 def load_tokenizer(spec=None):
-    """GPT-2's tokenizer: from a model folder's encoder.json when spec names one (works offline),
+    """GPT-2's tokenizer: from a model folder's encoder.json (or vocab.json) when spec names one (offline),
     else tiktoken's (downloaded once, then cached), else any downloaded model's encoder.json."""
     try:
         folder = model_path(spec) if spec else None
     except UserError:  # "scratch", or a file that is not there: tiktoken's then
         folder = None
-    if folder and os.path.isfile(os.path.join(folder, "encoder.json")):
+    if folder and vocabulary_file(folder):  # (faster than tiktoken's own first load, too)
         return openai_tokenizer(folder)
     try:
         return Tokenizer()

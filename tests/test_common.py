@@ -30,6 +30,25 @@ def test_tokenizer_from_openai_files_equals_tiktoken():
     assert ours.decode(ours.encode(text)) == text
 
 
+def test_a_hugging_face_folder_gives_its_own_tokenizer_without_tiktoken(tmp_path, monkeypatch):
+    """A Hugging Face folder's vocab.json is OpenAI's encoder.json under another name: the tokenizer is read
+    from it (offline, and faster than tiktoken's first load), and encodes as tiktoken does."""
+    import shutil
+
+    import loading
+
+    reference = Tokenizer()
+    shutil.copy(OPENAI_124M / "encoder.json", tmp_path / "vocab.json")
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(loading, "Tokenizer", lambda enc=None: Tokenizer(enc) if enc else 1 / 0)  # no tiktoken
+    ours = loading.load_tokenizer(str(tmp_path))
+    text = (DATA / "the-verdict.txt").read_text(encoding="utf-8")[:5000] + " 日本語 <|endoftext|>"
+    assert ours.encode(text) == reference.encode(text) and ours.eot_id == 50256
+    (tmp_path / "vocab.json").unlink()
+    with pytest.raises(ZeroDivisionError):  # nothing in the folder: tiktoken's it would be
+        loading.load_tokenizer(str(tmp_path))
+
+
 def test_plot_of_single_points_is_not_blank(tmp_path):
     import matplotlib.image
 
@@ -165,7 +184,7 @@ def test_a_bug_of_ours_shows_its_traceback(tmp_path, monkeypatch, run_main):
     assert "missing.txt not found" in r.stderr
 
 
-def test_the_training_scripts_share_their_flags():
+def test_the_training_scripts_share_their_flags(run_main):
     """--help of train.py, finetune_spam.py and finetune_instruct.py: the same flags, each with its
     default."""
     shared = ["--out-dir", "--overwrite", "--resume", "--max-iters", "--epochs", "--batch-size",
@@ -173,11 +192,11 @@ def test_the_training_scripts_share_their_flags():
               "--grad-clip", "--eval-interval", "--eval-batches", "--device", "--dtype", "--compile",
               "--seed", "--init-from", "--n-layer", "--n-head", "--n-embd", "--dropout"]
     for script in ("train.py", "finetune_spam.py", "finetune_instruct.py"):
-        r = run_script(script, "--help")
+        r = run_main(script, "--help")
         assert r.returncode == 0 and "(default: " in r.stdout, script
         flags = set(re.findall(r"^  (--[a-z-]+)", r.stdout, re.M))
         assert set(shared) <= flags, (script, set(shared) - flags)
         assert not {"--out", "--max-steps", "--max-length"} & flags  # old names: hidden, one line each
     for script in ("sample.py", "download_weights.py", "explore.py", "bench.py"):
-        r = run_script(script, "--help")
+        r = run_main(script, "--help")
         assert r.returncode == 0 and "(default: " in r.stdout, script
