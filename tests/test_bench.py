@@ -19,6 +19,8 @@ BENCH_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--batch-size
               "--prompt-len", "8", "--new-tokens", "12", "--batch-new-tokens", "4", "--prefill", "32",
               "--reps", "1", "--warmup", "0"]
 NATIVE_BF16 = native_bf16("cpu")  # bench.py measures bfloat16 where the CPU computes it
+LLAMA_CPP = peers.llama_cpp_installed()  # and llama.cpp where llama-cpp-python is installed
+LLAMA_FILES = ["llama-cpp-f32.gguf", "llama-cpp-q8_0.gguf"] if LLAMA_CPP else []
 # the rows of each training setting: (start of the label, the columns shown: 1 ours, 3 compared)
 TRAINING_ROWS = [
     row for setting in ("float32, torch's defaults (foreach AdamW)", "float32, fused AdamW",
@@ -38,6 +40,8 @@ BENCH_ROWS = [
     ("generation, greedy: ours as loaded (block matrices (out, in)) over them (in, out)", 1),
     ("generation, greedy, ours in float32 weights, CTranslate2 float32 as peer", 3),
     ("generation, greedy, ours in int8 weights, CTranslate2 int8 as peer", 3),
+    *([("generation, greedy, ours in float32 weights, llama.cpp f32 as peer", 3),
+       ("generation, greedy, ours in int8 weights, llama.cpp q8_0 as peer", 3)] if LLAMA_CPP else []),
     ("generation, top-k 50", 3), ("generation, greedy, no KV cache", 1), ("KV cache speed-up", 1),
     ("generation, greedy, batch 1 x (8 + 4)", 3), ("generation, greedy, batch 4", 3),
     ("generation, greedy, batch 8", 3), ("generation, greedy, batch 16", 3),
@@ -91,8 +95,9 @@ def test_bench_generation_only_stops_after_batch_1(tmp_path):
     expected = [label for label, _ in BENCH_ROWS[:BENCH_ROWS.index(("generation, top-k 50", 3)) + 1]
                 if "training" not in label]
     assert len(labels) == len(expected) and all(l.startswith(e) for l, e in zip(labels, expected)), labels
-    # no checkpoints written for the loading rows: only CTranslate2's converted weights
-    assert sorted(p.name for p in tmp_path.glob("gpt2-bench-*/*")) == ["ctranslate2-float32", "ctranslate2-int8"]
+    # no checkpoints written for the loading rows: only the engines' converted weights
+    assert sorted(p.name for p in tmp_path.glob("gpt2-bench-*/*")) == ["ctranslate2-float32", "ctranslate2-int8",
+                                                                       *LLAMA_FILES]
 
 
 def test_bench_models_compute_the_same():
