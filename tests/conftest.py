@@ -13,23 +13,29 @@ import pytest
 
 @pytest.fixture
 def run_main(monkeypatch, capsys):
-    """run_main(script, *args): the script's main() in this process, as `python script args` runs it
-    but without starting a new interpreter -> a CompletedProcess, as run_script gives."""
+    """run_main(script, *args, cwd=None): the script's main() in this process (in folder cwd), as `python
+    script args` runs it but without starting a new interpreter -> a CompletedProcess, as run_script gives."""
+    import torch
+
     import errors
     import files
 
-    def run(script, *args):
+    def run(script, *args, cwd=None):
         module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
         monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
         capsys.readouterr()
-        handler = signal.getsignal(signal.SIGTERM)
+        handler, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
         try:
-            errors.run(module.main)
+            with monkeypatch.context() as m:
+                if cwd is not None:
+                    m.chdir(cwd)
+                errors.run(module.main)
             code = 0
         except SystemExit as e:
             code = e.code
         finally:
             signal.signal(signal.SIGTERM, handler)  # (errors.run makes SIGTERM a Ctrl-C)
+            torch.set_num_threads(threads)  # (a script may set its own)
             for lock in files.LOCKS:  # a process runs one script: its out-dir locks go when it ends
                 lock.release()
             files.LOCKS.clear()

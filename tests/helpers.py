@@ -181,16 +181,15 @@ def snapshot(folder):
     return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file() and p.name not in LOCK_FILES}
 
 
-def stop_then_resume(script, args, straight, stopped, cwd=ROOT):
+def stop_then_resume(script, args, straight, stopped, run_main, cwd=ROOT):
     """Run `script args` into the out-dir straight, then again into stopped, Ctrl-C'd once its first best
     model is saved (at the evaluation of step 0, or of the first step --eval-interval gives) and resumed
-    with --resume
-    -> (the two final ckpt.pt, the step it stopped at, its stdout)."""
-    run = [sys.executable, str(ROOT / script), *map(str, args)]
-    r = subprocess.run([*run, "--out-dir", straight], cwd=cwd, capture_output=True, text=True, timeout=300)
+    with --resume -> (the two final ckpt.pt, the step it stopped at, its stdout). The stopped run is a
+    process of its own (it gets the signal); the other two run in this one (run_main)."""
+    r = run_main(script, *args, "--out-dir", straight, cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
-    p = subprocess.Popen([*run, "--out-dir", stopped], cwd=cwd, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args), "--out-dir", str(stopped)],
+                         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list((Path(cwd) / stopped).glob("*.pt")) and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -198,8 +197,7 @@ def stop_then_resume(script, args, straight, stopped, cwd=ROOT):
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr[-2000:]
     stopped_at = torch.load(Path(cwd) / stopped / "ckpt.pt", weights_only=True)["step"]
-    r = subprocess.run([*run, "--out-dir", stopped, "--resume"], cwd=cwd, capture_output=True, text=True,
-                       timeout=300)
+    r = run_main(script, *args, "--out-dir", stopped, "--resume", cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(Path(cwd) / folder / "ckpt.pt", weights_only=True) for folder in (straight, stopped))
     return a, b, stopped_at, stdout

@@ -49,8 +49,8 @@ def test_bad_resume_refuses_fixed_flags_and_records_the_changed_ones(trained, tm
     best["val_loss"] = 0.5
     torch.save(best, out / "best.pt")
     best_bytes = (out / "best.pt").read_bytes()
-    run = run_script("train.py", "--out-dir", out, "--resume", "--max-iters", 12, "--lr", "1e-3",
-                     "--dropout", 0, timeout=120)
+    run = run_main("train.py", "--out-dir", out, "--resume", "--max-iters", 12, "--lr", "1e-3",
+                   "--dropout", 0)
     assert run.returncode == 0, run.stderr[-3000:]
     ckpt = train_load(out / "ckpt.pt")
     assert ckpt["step"] == 12 and ckpt["args"]["lr"] == 1e-3 and ckpt["args"]["max_iters"] == 12
@@ -122,10 +122,10 @@ def test_bad_sizes_and_devices_are_one_line(trained, tmp_path, run_main, monkeyp
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_out_dir_is_one_line_before_any_work(trained, tmp_path, monkeypatch):
+def test_bad_out_dir_is_one_line_before_any_work(trained, tmp_path, monkeypatch, run_main):
     data, _, _ = trained
     (tmp_path / "a-file").write_text("not a folder")
-    line = one_line_error(run_script("train.py", *train_args(data, tmp_path / "a-file" / "out"), timeout=120))
+    line = one_line_error(run_main("train.py", *train_args(data, tmp_path / "a-file" / "out")))
     assert "cannot write to" in line and "a-file/out" in line
     # a read-only folder (root writes anywhere, so the refusal is simulated where the probe writes)
     real_open = open

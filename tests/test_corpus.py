@@ -132,14 +132,14 @@ def test_data_manifest_notices_changed_and_added_files_and_keeps_the_rest(tmp_pa
            == -(-len(tokens) // 5_000)
 
 
-def test_data_prepare_only_prints_the_count_and_trains_from_it(tmp_path):
+def test_data_prepare_only_prints_the_count_and_trains_from_it(tmp_path, run_main):
     folder = tmp_path / "docs"
     paths = data_documents(folder)
-    r = run_script("train.py", "--data", folder, "--prepare-only", "--out-dir", tmp_path / "out")
+    r = run_main("train.py", "--data", folder, "--prepare-only", "--out-dir", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"{len(data_expected(paths)):,} tokens"
     assert "tokenized 4 of 4 file(s)" in r.stdout and not (tmp_path / "out").exists()
-    r = run_script("train.py", "--data", folder, "--prepare-only")
+    r = run_main("train.py", "--data", folder, "--prepare-only")
     assert r.returncode == 0 and "tokenized" not in r.stdout  # the cache is up to date
 
 
@@ -216,7 +216,7 @@ def test_bad_two_preparations_at_once_make_one_cache(tmp_path):
     assert not list((tmp_path / "corpus.tokens").glob("*.tmp"))
 
 
-def test_bad_links_to_folders_are_not_followed(tmp_path):
+def test_bad_links_to_folders_are_not_followed(tmp_path, run_main):
     """Class 2: links that loop back up (one, or two that lead into each other) neither repeat the files nor
     hang; a link to a file is read; a link to nothing is one line."""
     folder = tmp_path / "docs"
@@ -224,7 +224,7 @@ def test_bad_links_to_folders_are_not_followed(tmp_path):
     (folder / "loop").symlink_to(folder, target_is_directory=True)
     (folder / "sub" / "up").symlink_to(folder / "sub", target_is_directory=True)
     (folder / "sub" / "back").symlink_to(folder, target_is_directory=True)
-    r = run_script("train.py", "--data", folder, "--prepare-only", timeout=120)
+    r = run_main("train.py", "--data", folder, "--prepare-only")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == f"{len(data_expected(paths)):,} tokens"
     assert "links to folders are not followed: " in r.stderr and "loop" in r.stderr
@@ -234,7 +234,7 @@ def test_bad_links_to_folders_are_not_followed(tmp_path):
     (folder / "z-link.txt").unlink()
     (folder / "z-link.txt").symlink_to(folder / "gone.txt")
     before = snapshot(tmp_path)
-    line = one_line_error(run_script("train.py", "--data", folder, "--prepare-only", timeout=120))
+    line = one_line_error(run_main("train.py", "--data", folder, "--prepare-only"))
     assert f"{folder / 'z-link.txt'} is a link to nothing" in line and snapshot(tmp_path) == before
 
 
@@ -260,7 +260,7 @@ def test_bad_killed_preparation_leaves_no_worker_and_a_whole_cache(tmp_path):
 
 @pytest.mark.parametrize("damage", ["wrong shape", "a list", "a string", "an entry without bytes",
                                     "a shard cut short", "a shard missing"])
-def test_bad_damaged_cache_is_rebuilt_with_one_line(tmp_path, damage):
+def test_bad_damaged_cache_is_rebuilt_with_one_line(tmp_path, damage, run_main):
     """Classes 11 and 12: a manifest that is valid JSON of the wrong shape, or shards that are not what
     it says: the cache is prepared again, with one line that says so, and holds tiktoken's tokens again."""
     folder = tmp_path / "docs"
@@ -277,7 +277,7 @@ def test_bad_damaged_cache_is_rebuilt_with_one_line(tmp_path, damage):
         os.truncate(cache / "shard_00000.bin", 1000)
     else:
         (cache / "shard_00000.bin").unlink()
-    r = run_script("train.py", "--data", folder, "--prepare-only", timeout=120)
+    r = run_main("train.py", "--data", folder, "--prepare-only")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     said = [line for line in r.stderr.splitlines() if "%|" not in line]
     assert len(said) == 1 and said[0].startswith(f"the token cache {cache} is damaged (") \
@@ -285,7 +285,7 @@ def test_bad_damaged_cache_is_rebuilt_with_one_line(tmp_path, damage):
     assert load_tokens(str(folder), Tokenizer())[:].tolist() == data_expected(paths)
 
 
-def test_bad_id_past_the_vocabulary_names_its_shard(tmp_path):
+def test_bad_id_past_the_vocabulary_names_its_shard(tmp_path, run_main):
     """Class 6: a flipped bit in a shard (an id no tokenizer made) is one line naming the shard and the way
     out, where a window is read, not an IndexError deep in the embedding; nothing is written."""
     data = shutil.copy(DATA / "the-verdict.txt", tmp_path / "the-verdict.txt")
@@ -295,8 +295,8 @@ def test_bad_id_past_the_vocabulary_names_its_shard(tmp_path):
     ids[100] = 60000  # a bit flipped: 60,000 is no GPT-2 token
     ids.tofile(shard)
     before = snapshot(tmp_path)
-    line = one_line_error(run_script("train.py", "--data", data, *TRAIN_TINY, "--out-dir", tmp_path / "out",
-                                     "--eval-only", "--init-from", "scratch", timeout=120))
+    line = one_line_error(run_main("train.py", "--data", data, *TRAIN_TINY, "--out-dir", tmp_path / "out",
+                                   "--eval-only", "--init-from", "scratch"))
     assert f"{shard} holds the id 60000, past the vocabulary's 50,257" in line
     assert f"delete {tmp_path / 'the-verdict.txt.tokens'} and run again" in line \
            and snapshot(tmp_path) == before

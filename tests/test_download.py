@@ -210,29 +210,29 @@ def test_dl_ensure_file(dl_server, dl_no_wait, tmp_path):
     assert not list(tmp_path.glob("g*"))
 
 
-def test_dl_script_downloads_then_skips(dl_server, tmp_path):
+def test_dl_script_downloads_then_skips(dl_server, tmp_path, run_main):
     """774M: the tokenizer files are checked against their published sizes, the rest against
     Content-Length, and the checkpoint is converted; a second run requests and converts nothing."""
     dl_server.files = _dl_release("774M")
     args = ["--model", "gpt2-large", "--models-dir", tmp_path, "--base-url", dl_server.url]
-    r = run_script("download_weights.py", *args)
+    r = run_main("download_weights.py", *args)
     assert r.returncode == 0, r.stderr
     for path, body in dl_server.files.items():
         assert (tmp_path / path.lstrip("/")).read_bytes() == body, path
     assert "converting" in r.stdout and download_weights.converted(tmp_path / "774M")
     converted = snapshot(tmp_path / "774M")
     n = len(dl_server.requests)
-    r = run_script("download_weights.py", *args)
+    r = run_main("download_weights.py", *args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("complete, skipped") == 7 and len(dl_server.requests) == n
     assert "converted already, skipped" in r.stdout and snapshot(tmp_path / "774M") == converted
 
 
-def test_dl_script_refuses_wrong_size(dl_server, tmp_path):
+def test_dl_script_refuses_wrong_size(dl_server, tmp_path, run_main):
     dl_server.files = _dl_release("774M")
     dl_server.files["/774M/vocab.bpe"] = dl_server.files["/774M/vocab.bpe"][:-10]  # truncated on the server
-    r = run_script("download_weights.py", "--model", "774M", "--models-dir", tmp_path,
-                   "--base-url", dl_server.url)
+    r = run_main("download_weights.py", "--model", "774M", "--models-dir", tmp_path,
+                 "--base-url", dl_server.url)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]  # above it: the progress bars of the files before
     assert last.startswith("error: ") and "published size is 456,318" in last
@@ -241,9 +241,9 @@ def test_dl_script_refuses_wrong_size(dl_server, tmp_path):
     assert (folder / "encoder.json").exists()  # the files before it were fine
 
 
-def test_dl_script_unreachable_server(tmp_path):
+def test_dl_script_unreachable_server(tmp_path, run_main, dl_no_wait):
     port = free_port()
-    r = run_script("download_weights.py", "--models-dir", tmp_path, "--base-url", f"http://127.0.0.1:{port}")
+    r = run_main("download_weights.py", "--models-dir", tmp_path, "--base-url", f"http://127.0.0.1:{port}")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not download") and "check your connection" in last
@@ -308,13 +308,13 @@ def test_dl_each_file_is_checked_for_what_it_must_hold(tmp_path):
         assert said in download_weights.what_is_wrong(str(tmp_path / name)), name
 
 
-def test_dl_a_file_that_is_not_what_it_must_be_is_not_saved(dl_server, dl_no_wait, tmp_path):
+def test_dl_a_file_that_is_not_what_it_must_be_is_not_saved(dl_server, dl_no_wait, tmp_path, run_main):
     """774M's index (no published size) served whole but cut short by the server itself: one line, no
     model.ckpt.index and no .part left."""
     dl_server.files = _dl_release("774M")
     dl_server.files["/774M/model.ckpt.index"] = dl_server.files["/774M/model.ckpt.index"][:-100]
-    line = one_line_error(run_script("download_weights.py", "--model", "774M", "--models-dir", tmp_path,
-                                     "--base-url", dl_server.url))
+    line = one_line_error(run_main("download_weights.py", "--model", "774M", "--models-dir", tmp_path,
+                                   "--base-url", dl_server.url))
     assert f"{dl_server.url}/774M/model.ckpt.index sent no TensorFlow checkpoint index" in line
     assert not list((tmp_path / "774M").glob("model.ckpt.index*"))
 
@@ -516,9 +516,9 @@ def test_hf_folder_without_config_json_says_what_it_needs(tmp_path, run_main):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_download_leaves_no_empty_model_folder(tmp_path):
-    r = run_script("download_weights.py", "--models-dir", tmp_path,
-                   "--base-url", f"http://127.0.0.1:{free_port()}")
+def test_bad_download_leaves_no_empty_model_folder(tmp_path, run_main, dl_no_wait):
+    r = run_main("download_weights.py", "--models-dir", tmp_path,
+                 "--base-url", f"http://127.0.0.1:{free_port()}")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and lines[-1].startswith("error: could not download") \
            and "cannot connect" in lines[-1]

@@ -74,8 +74,8 @@ def test_explore_weights_of_our_checkpoint(tmp_path):
            {GPT.openai_name(name): theirs for name, _, theirs in explore.model_tensors(str(openai))}
 
 
-def test_explore_help_names_its_flags_and_no_folder_of_ours():
-    r = run_script("explore.py", "--help")
+def test_explore_help_names_its_flags_and_no_folder_of_ours(run_main):
+    r = run_main("explore.py", "--help")
     assert "go into --out-dir" in r.stdout and "go into --out." not in r.stdout and "shared" not in r.stdout
 
 

@@ -13,7 +13,7 @@ from instruction import IGNORE, collate, encode, format_prompt, load_entries
 from judge import JUDGE_RETRIES
 from lora import LoRALinear, add_lora, merge_lora
 from tests.helpers import (EOT, INSTRUCT_DATA, INSTRUCT_TINY, FakeOllama, assert_bitwise_equal, free_port,
-                           one_line_error, reply, run_script, stop_then_resume, tiny_model)
+                           one_line_error, reply, stop_then_resume, tiny_model)
 from trainer import configure_optimizer
 
 
@@ -158,11 +158,11 @@ def test_instruct_lora_trains_only_the_low_rank_matrices_and_merges_exactly():
 # -----------------------------------------------------------------------------
 # The whole training path: tiny model from scratch, real data, a few steps.
 
-def test_instruct_lora_run_saves_a_plain_checkpoint_plot_and_test_answers(tmp_path):
+def test_instruct_lora_run_saves_a_plain_checkpoint_plot_and_test_answers(tmp_path, run_main):
     out = tmp_path / "instruct"
-    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--lora-rank", 4, "--lora-alpha", 8,
-                   "--mask-prompt", "--context-length", 128, "--max-iters", 3, "--eval-interval", 2,
-                   "--out-dir", out)
+    r = run_main("finetune_instruct.py", *INSTRUCT_TINY, "--lora-rank", 4, "--lora-alpha", 8,
+                 "--mask-prompt", "--context-length", 128, "--max-iters", 3, "--eval-interval", 2,
+                 "--out-dir", out)
     assert r.returncode == 0, r.stderr
     assert "935 train, 55 validation, 110 test" in r.stdout
     C, L, V = 64, 2, 50257
@@ -182,10 +182,10 @@ def test_instruct_lora_run_saves_a_plain_checkpoint_plot_and_test_answers(tmp_pa
     assert not list(out.glob("*.tmp"))
 
 
-def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path):
+def test_instruct_full_finetuning_lowers_the_loss_and_answers_greedily(tmp_path, run_main):
     out = tmp_path / "full"
-    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--max-iters", 8, "--eval-interval", 4,
-                   "--context-length", 96, "--out-dir", out)
+    r = run_main("finetune_instruct.py", *INSTRUCT_TINY, "--max-iters", 8, "--eval-interval", 4,
+                 "--context-length", 96, "--out-dir", out)
     assert r.returncode == 0, r.stderr
     assert "full fine-tuning" in r.stdout and "(100.00%)" in r.stdout
     val = [float(line.split("val loss ")[1].split(" ")[0].rstrip(",")) for line in r.stdout.splitlines()
@@ -225,21 +225,21 @@ def test_instruct_empty_answers_are_counted_and_said(tmp_path, monkeypatch, run_
            "--epochs, a larger model or a higher --lr) before a judge is worth asking" in r.stdout
 
 
-def test_instruct_bad_input_is_one_clear_line(tmp_path):
-    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--out-dir", tmp_path / "x",
-                   "--data", "missing.json")
+def test_instruct_bad_input_is_one_clear_line(tmp_path, run_main):
+    r = run_main("finetune_instruct.py", *INSTRUCT_TINY, "--out-dir", tmp_path / "x",
+                 "--data", "missing.json")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "missing.json not found: expected a JSON list of entries with instruction, output" in r.stderr
     torch.save(tiny_model(vocab_size=EOT + 1).checkpoint(), tmp_path / "tiny.pt")  # a window of 64 positions
-    r = run_script("finetune_instruct.py", "--init-from", tmp_path / "tiny.pt", "--data", INSTRUCT_DATA,
-                   "--out-dir", tmp_path / "x", "--context-length", 128)
+    r = run_main("finetune_instruct.py", "--init-from", tmp_path / "tiny.pt", "--data", INSTRUCT_DATA,
+                 "--out-dir", tmp_path / "x", "--context-length", 128)
     assert r.returncode == 1 and "window of 64 positions: pass --context-length 64 or less" in r.stderr
 
 
-def test_instruct_malformed_data_names_the_entry(tmp_path):
+def test_instruct_malformed_data_names_the_entry(tmp_path, run_main):
     data = tmp_path / "bad.json"
     data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
-    r = run_script("finetune_instruct.py", *INSTRUCT_TINY, "--data", data, "--out-dir", tmp_path / "x")
+    r = run_main("finetune_instruct.py", *INSTRUCT_TINY, "--data", data, "--out-dir", tmp_path / "x")
     assert r.returncode == 1 and "entry 1 needs the string fields instruction, output" in r.stderr
 
 
@@ -260,11 +260,14 @@ def instruct_responses(tmp_path, n):
     return path, entries
 
 
-def instruct_judge(path, server, *args):
-    return run_script("finetune_instruct.py", "--judge", path, "--ollama-url", server.url, *args, timeout=60)
+@pytest.fixture
+def instruct_judge(run_main):
+    """instruct_judge(responses, server, *flags): finetune_instruct.py --judge against server, in this process."""
+    return lambda path, server, *args: run_main("finetune_instruct.py", "--judge", path, "--ollama-url",
+                                                server.url, *args)
 
 
-def test_instruct_judge_scores_each_answer_and_writes_the_mean(tmp_path, instruct_ollama):
+def test_instruct_judge_scores_each_answer_and_writes_the_mean(tmp_path, instruct_ollama, instruct_judge):
     path, entries = instruct_responses(tmp_path, 3)
     instruct_ollama.replies = ["85", " 40\n", "100."]
     r = instruct_judge(path, instruct_ollama, "--seed", 7)
@@ -284,7 +287,7 @@ def test_instruct_judge_scores_each_answer_and_writes_the_mean(tmp_path, instruc
             assert text in message["content"]
 
 
-def test_instruct_judge_retries_a_non_number_then_counts_it_failed_not_zero(tmp_path, instruct_ollama):
+def test_instruct_judge_retries_a_non_number_then_counts_it_failed_not_zero(tmp_path, instruct_ollama, instruct_judge):
     path, _ = instruct_responses(tmp_path, 2)
     tries = 1 + JUDGE_RETRIES
     instruct_ollama.replies = ["Great answer!"] * tries + ["Score: none", "50"]
@@ -302,7 +305,7 @@ def test_instruct_judge_retries_a_non_number_then_counts_it_failed_not_zero(tmp_
            and retry[1]["content"] == "Great answer!"
 
 
-def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama):
+def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama, instruct_judge):
     path, _ = instruct_responses(tmp_path, 1)
     before = path.read_bytes()
     instruct_ollama.replies = ["101"] * (1 + JUDGE_RETRIES)  # out of range is not a score either
@@ -311,7 +314,7 @@ def test_instruct_judge_with_no_score_at_all_fails(tmp_path, instruct_ollama):
     assert path.read_bytes() == before
 
 
-def test_bad_a_judge_without_scores_never_erases_earlier_ones(tmp_path, instruct_ollama):
+def test_bad_a_judge_without_scores_never_erases_earlier_ones(tmp_path, instruct_ollama, instruct_judge):
     """Class 4: scores, then a second run whose judge gives none: the file is byte-identical; a run that
     scores some entries keeps the earlier score of each entry it could not score. A run again without
     --rescore asks nothing: every entry has its score."""
@@ -329,18 +332,17 @@ def test_bad_a_judge_without_scores_never_erases_earlier_ones(tmp_path, instruct
     assert [e["score"] for e in json.loads(path.read_text())] == [90, 40]
 
 
-def test_instruct_judge_names_a_missing_model(tmp_path, instruct_ollama):
+def test_instruct_judge_names_a_missing_model(tmp_path, instruct_ollama, instruct_judge):
     path, _ = instruct_responses(tmp_path, 1)
     r = instruct_judge(path, instruct_ollama, "--judge-model", "nope")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "has no model 'nope' (model 'nope' not found): run `ollama pull nope`" in r.stderr
 
 
-def test_instruct_judge_says_when_the_server_is_unreachable(tmp_path):
+def test_instruct_judge_says_when_the_server_is_unreachable(tmp_path, run_main):
     path, _ = instruct_responses(tmp_path, 1)
     port = free_port()
-    r = run_script("finetune_instruct.py", "--judge", path, "--ollama-url", f"http://127.0.0.1:{port}",
-                   timeout=60)
+    r = run_main("finetune_instruct.py", "--judge", path, "--ollama-url", f"http://127.0.0.1:{port}")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"cannot reach Ollama at http://127.0.0.1:{port}: start it with `ollama serve`" in r.stderr
 
@@ -357,7 +359,7 @@ def answering(body, status=200, content_type="application/octet-stream"):
     return Answering
 
 
-def judge_error_leaving_the_file(tmp_path, serve, handler):
+def judge_error_leaving_the_file(tmp_path, serve, handler, instruct_judge):
     """The judge's one-line error against handler; the responses file is as it was."""
     path, _ = instruct_responses(tmp_path, 1)
     before = path.read_bytes()
@@ -366,31 +368,32 @@ def judge_error_leaving_the_file(tmp_path, serve, handler):
     return line
 
 
-def test_bad_judge_reply_without_content(tmp_path, serve):
+def test_bad_judge_reply_without_content(tmp_path, serve, instruct_judge):
     null_content = json.dumps({"message": {"role": "assistant", "content": None}, "done": True})
-    line = judge_error_leaving_the_file(tmp_path, serve, answering(null_content.encode()))
+    line = judge_error_leaving_the_file(tmp_path, serve, answering(null_content.encode()), instruct_judge)
     assert "did not answer with Ollama's chat JSON" in line
 
 
-def test_bad_judge_html_error_page_is_one_line_of_its_text(tmp_path, serve):
+def test_bad_judge_html_error_page_is_one_line_of_its_text(tmp_path, serve, instruct_judge):
     # a proxy in front of Ollama, answering with its error page
     page = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n<center>" \
            "<h1>502 Bad Gateway</h1></center>\n<hr><center>nginx</center>\n</body>\n</html>\n" \
            + "<!-- padding -->\n" * 6
-    line = judge_error_leaving_the_file(tmp_path, serve, answering(page.encode(), 502, "text/html"))
+    line = judge_error_leaving_the_file(tmp_path, serve, answering(page.encode(), 502, "text/html"),
+                                        instruct_judge)
     assert line.endswith("answered HTTP 502: 502 Bad Gateway 502 Bad Gateway nginx") and "<" not in line, line
 
 
-def test_instruct_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
+def test_instruct_resume_after_ctrl_c_is_bitwise_exact(tmp_path, run_main):
     """LoRA, Ctrl-C after the first checkpoint, then --resume: the weights (LoRA's matrices and the
     frozen ones), AdamW's state and the history of a run never stopped, bit for bit; the same answers."""
-    args = [*INSTRUCT_TINY, "--lora-rank", 4, "--mask-prompt", "--context-length", 128, "--max-iters", 120,
+    args = [*INSTRUCT_TINY, "--lora-rank", 4, "--mask-prompt", "--context-length", 128, "--max-iters", 30,
             "--eval-interval", 5, "--dropout", 0.1]
-    a, b, stopped_at, stdout = stop_then_resume("finetune_instruct.py", args, "straight", "stopped",
+    a, b, stopped_at, stdout = stop_then_resume("finetune_instruct.py", args, "straight", "stopped", run_main,
                                                 cwd=tmp_path)
-    assert 1 <= stopped_at < 120 \
+    assert 1 <= stopped_at < 30 \
            and "python finetune_instruct.py --resume --out-dir stopped continues" in stdout
-    assert a["step"] == 120 and any(k.endswith(".A") for k in a["model"])
+    assert a["step"] == 30 and any(k.endswith(".A") for k in a["model"])
     assert_bitwise_equal(a, b)
     responses = [json.loads((tmp_path / run / "responses.json").read_text())
                  for run in ("straight", "stopped")]

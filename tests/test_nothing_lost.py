@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import corpus
-from tests.helpers import (INSTRUCT_TINY, ROOT, SPAM_TINY, TRAIN_TINY, one_line_error, reply, run_script,
+from tests.helpers import (INSTRUCT_TINY, ROOT, SPAM_TINY, TRAIN_TINY, one_line_error, reply,
                            snapshot, spam_sample, train_verdict)
 
 
@@ -188,16 +188,16 @@ def responses(tmp_path, n=5):
     return path
 
 
-def test_a_judge_that_drops_the_connection_keeps_the_scores_it_gave(tmp_path, serve):
+def test_a_judge_that_drops_the_connection_keeps_the_scores_it_gave(tmp_path, serve, run_main):
     path = responses(tmp_path)
     server = serve(SlowJudge, count=0, answers=2, then="drop")
-    r = run_script("finetune_instruct.py", "--judge", path, "--ollama-url", server.url, timeout=60)
+    r = run_main("finetune_instruct.py", "--judge", path, "--ollama-url", server.url)
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(err) == 1
     assert "closed the connection before it answered" in err[0]
     assert [e.get("score") for e in json.loads(path.read_text())] == [70, 70, None, None, None]
     server.answers, server.count = 10, 0  # a run again scores only what is left
-    r = run_script("finetune_instruct.py", "--judge", path, "--ollama-url", server.url, timeout=60)
+    r = run_main("finetune_instruct.py", "--judge", path, "--ollama-url", server.url)
     assert r.returncode == 0 and server.count == 3, r.stderr
     assert [e["score"] for e in json.loads(path.read_text())] == [70] * 5
 
@@ -226,15 +226,15 @@ def test_a_stopped_judge_keeps_the_scores_it_gave(tmp_path, serve, how):
     assert [e.get("score") for e in json.loads(path.read_text())] == [70, 70, None, None, None]
 
 
-def test_a_second_judge_of_the_same_file_is_refused(tmp_path, serve):
+def test_a_second_judge_of_the_same_file_is_refused(tmp_path, serve, run_main):
     from filelock import FileLock
 
     path = responses(tmp_path, 1)
     held = FileLock(str(path) + ".lock")
     held.acquire()
     try:
-        line = one_line_error(run_script("finetune_instruct.py", "--judge", path, "--ollama-url",
-                                         "http://127.0.0.1:9"))
+        line = one_line_error(run_main("finetune_instruct.py", "--judge", path, "--ollama-url",
+                                       "http://127.0.0.1:9"))
         assert "is being written by a run that has not ended" in line
     finally:
         held.release()

@@ -125,8 +125,8 @@ def test_sample_prompt_longer_than_context(sample_ckpt, sample):
     assert f"the prompt is {n} tokens, longer than the model's context window (64)" in r.stderr
 
 
-def test_sample_missing_model_names_the_download_command(tmp_path):
-    r = run_script("sample.py", "--model", "gpt2", cwd=tmp_path)  # no models/ here
+def test_sample_missing_model_names_the_download_command(tmp_path, run_main):
+    r = run_main("sample.py", "--model", "gpt2", cwd=tmp_path)  # no models/ here
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "python download_weights.py --model 124M" in r.stderr
 

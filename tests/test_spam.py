@@ -114,7 +114,7 @@ def test_spam_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
+def test_spam_tiny_run_trains_saves_and_classifies(spam_run, run_main):
     split = {name: sms_spam.read_messages(spam_run / "split" / f"{name}-seed7.tsv")
              for name in ("train", "validation", "test")}
     assert {name: len(ms) for name, ms in split.items()} == {"train": 84, "validation": 12, "test": 24}
@@ -143,7 +143,7 @@ def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
     model = fs.load_classifier(spam_run / "out" / "classifier.pt")
     assert model.lm_head.out_features == 2 and model.config.n_embd == 64
     text = "You won a free cruise, call now"
-    r = run_script("finetune_spam.py", "--classify", text, "--out-dir", "out", cwd=spam_run)
+    r = run_main("finetune_spam.py", "--classify", text, "--out-dir", "out", cwd=spam_run)
     assert r.returncode == 0, r.stderr
     label, prob = r.stdout.split()
     ids = torch.tensor([Tokenizer().encode(text)])
@@ -153,20 +153,20 @@ def test_spam_tiny_run_trains_saves_and_classifies(spam_run):
            and float(prob) == pytest.approx(probs.max().item(), abs=1e-3)
 
 
-def test_spam_patience_stops_and_pool_is_kept(tmp_path):
+def test_spam_patience_stops_and_pool_is_kept(tmp_path, run_main):
     spam_sample(tmp_path)
     # lr 0: the validation loss never falls below step 0's, so patience 2 stops at the second evaluation after
-    r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out",
-                   "--epochs", "5", "--patience", "2", "--lr", "0", "--pool", "mean",
-                   "--label-smoothing", "0.1", "--grad-clip", "1", *SPAM_TINY, cwd=tmp_path)
+    r = run_main("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out",
+                 "--epochs", "5", "--patience", "2", "--lr", "0", "--pool", "mean",
+                 "--label-smoothing", "0.1", "--grad-clip", "1", *SPAM_TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["history"]["step"] == [0, 10, 20] and report["best_step"] == 0
     assert fs.load_classifier(tmp_path / "out" / "classifier.pt").pool == "mean"
 
 
-def test_spam_text_longer_than_context(spam_run):
-    r = run_script("finetune_spam.py", "--classify", "free prize " * 200, "--out-dir", "out", cwd=spam_run)
+def test_spam_text_longer_than_context(spam_run, run_main):
+    r = run_main("finetune_spam.py", "--classify", "free prize " * 200, "--out-dir", "out", cwd=spam_run)
     assert r.returncode == 1 and "longer than the model's context (300)" in r.stderr \
            and "Traceback" not in r.stderr
 
@@ -180,10 +180,10 @@ def test_spam_text_longer_than_context(spam_run):
     (["--data", str(SPAM_DATA), "--trainable-blocks", "3", *SPAM_TINY],
      "--trainable-blocks 3: give 'all' or a number from 0 to 2"),
 ])
-def test_spam_bad_input_is_one_clear_line(tmp_path, args, message):
+def test_spam_bad_input_is_one_clear_line(tmp_path, args, message, run_main):
     (tmp_path / "bad.tsv").write_text("ham\tfine\nthis line has no label\n", encoding="utf-8")
     (tmp_path / "ham-only.tsv").write_text("ham\tone\nham\ttwo\n", encoding="utf-8")
-    r = run_script("finetune_spam.py", *SPAM_TINY, *args, "--split-dir", "split", cwd=tmp_path)
+    r = run_main("finetune_spam.py", *SPAM_TINY, *args, "--split-dir", "split", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
@@ -196,15 +196,16 @@ def test_bad_spam_data_too_small_to_split(tmp_path, run_main):
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
 
 
-def test_spam_resume_after_ctrl_c_is_bitwise_exact(tmp_path):
+def test_spam_resume_after_ctrl_c_is_bitwise_exact(tmp_path, run_main):
     """Ctrl-C after the first checkpoint, then --resume: the classifier, AdamW's state and the history of
     a run never stopped, bit for bit (dropout on: the random state is restored too)."""
     spam_sample(tmp_path)
-    args = ["--data", "sample.tsv", "--split-dir", "split", "--max-iters", 150, "--eval-interval", 5,
+    args = ["--data", "sample.tsv", "--split-dir", "split", "--max-iters", 40, "--eval-interval", 5,
             "--eval-batches", 1, "--lr", "1e-3", "--dropout", 0.1, "--trainable-blocks", "all", *SPAM_TINY]
-    a, b, stopped_at, stdout = stop_then_resume("finetune_spam.py", args, "straight", "stopped", cwd=tmp_path)
-    assert 1 <= stopped_at < 150 and "python finetune_spam.py --resume --out-dir stopped continues" in stdout
-    assert a["step"] == 150
+    a, b, stopped_at, stdout = stop_then_resume("finetune_spam.py", args, "straight", "stopped", run_main,
+                                                cwd=tmp_path)
+    assert 1 <= stopped_at < 40 and "python finetune_spam.py --resume --out-dir stopped continues" in stdout
+    assert a["step"] == 40
     assert_bitwise_equal(a, b)
     best = [torch.load(tmp_path / run / "classifier.pt", weights_only=True)
             for run in ("straight", "stopped")]
@@ -222,7 +223,7 @@ def test_spam_default_data_offline_names_every_form_it_takes(tmp_path):
     assert "or pass --data FILE" in last
 
 
-def test_spam_classifier_of_an_unfinished_run_says_so(tmp_path):
+def test_spam_classifier_of_an_unfinished_run_says_so(tmp_path, run_main):
     spam_sample(tmp_path)
     args = ["--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out", *SPAM_TINY,
             "--eval-interval", "2"]
@@ -233,11 +234,11 @@ def test_spam_classifier_of_an_unfinished_run_says_so(tmp_path):
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=120) == 130
-    r = run_script("finetune_spam.py", "--classify", "Call now to win", "--out-dir", "out", cwd=tmp_path)
+    r = run_main("finetune_spam.py", "--classify", "Call now to win", "--out-dir", "out", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.split()[0] in ("ham", "spam"), r.stderr
     assert "of a run that has not finished: python finetune_spam.py --resume --out-dir out finishes it" \
            in r.stderr
-    r = run_script("finetune_spam.py", *args, "--max-iters", 2, "--overwrite", cwd=tmp_path)
+    r = run_main("finetune_spam.py", *args, "--max-iters", 2, "--overwrite", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script("finetune_spam.py", "--classify", "Call now to win", "--out-dir", "out", cwd=tmp_path)
+    r = run_main("finetune_spam.py", "--classify", "Call now to win", "--out-dir", "out", cwd=tmp_path)
     assert r.returncode == 0 and "not finished" not in r.stderr

@@ -17,10 +17,11 @@ from tests.helpers import (ROOT, TRAIN_TINY, assert_bitwise_equal, free_port, on
                            stop_then_resume, train_args, train_load, train_run, train_verdict)
 
 
-def test_train_tiny_learns_and_reports_true_losses(tmp_path):
+def test_train_tiny_learns_and_reports_true_losses(tmp_path, run_main):
     data, out = train_verdict(tmp_path), tmp_path / "out"
-    r = train_run(data, out, "--max-iters", "40", "--batch-size", "4", "--lr", "3e-3",
-                  "--eval-interval", "20", "--dropout", "0")
+    r = run_main("train.py", *train_args(data, out, "--max-iters", 40, "--batch-size", 4, "--lr", "3e-3",
+                                         "--eval-interval", 20, "--dropout", 0))
+    assert r.returncode == 0, r.stderr[-3000:]
     ckpt = train_load(out / "ckpt.pt")
     hist = ckpt["history"]
     assert ckpt["step"] == 40 and hist["step"] == [0, 20, 40] and len(hist["loss"]) == 40
@@ -44,8 +45,8 @@ def test_train_tiny_learns_and_reports_true_losses(tmp_path):
     png = (out / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
-    r = run_script("train.py", "--eval-only", "--init-from", out / "ckpt.pt", "--data", data,
-                   "--context-length", 32)
+    r = run_main("train.py", "--eval-only", "--init-from", out / "ckpt.pt", "--data", data,
+                 "--context-length", 32)
     assert r.returncode == 0, r.stderr[-3000:]
     all_windows = torch.tensor([ids[i:i + 33] for i in range(0, len(ids) - 32, 32)])
     with torch.no_grad():
@@ -56,20 +57,20 @@ def test_train_tiny_learns_and_reports_true_losses(tmp_path):
 
 def test_train_resume_after_ctrl_c_is_bitwise_exact(tmp_path, run_main):
     data = train_verdict(tmp_path)
-    args = ["--data", data, *TRAIN_TINY, "--max-iters", "60", "--batch-size", "2", "--eval-interval", "5",
+    args = ["--data", data, *TRAIN_TINY, "--max-iters", "30", "--batch-size", "2", "--eval-interval", "5",
             "--dropout", "0.1"]
     a, b, stopped_at, stdout = stop_then_resume("train.py", args, tmp_path / "straight", tmp_path / "stopped",
                                                 run_main)
-    assert 1 <= stopped_at < 60 \
+    assert 1 <= stopped_at < 30 \
            and f"python train.py --resume --out-dir {tmp_path / 'stopped'} continues" in stdout
-    assert a["step"] == 60
+    assert a["step"] == 30
     assert_bitwise_equal(a, b)
 
 
-def test_train_two_processes_match_one(tmp_path):
+def test_train_two_processes_match_one(tmp_path, run_main):
     data = train_verdict(tmp_path)
     args = ["--max-iters", "4", "--batch-size", "4", "--eval-interval", "2", "--dropout", "0", "--lr", "1e-3"]
-    train_run(data, tmp_path / "one", *args)
+    assert run_main("train.py", *train_args(data, tmp_path / "one", *args)).returncode == 0
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 f"--master_port={free_port()}")
     r = train_run(data, tmp_path / "two", *args, launcher=torchrun)
@@ -108,7 +109,7 @@ def test_train_launcher_ctrl_c_saves_once_exits_130_and_resumes_to_the_losses_of
         assert max(abs(x - y) for x, y in zip(one["history"][key], two["history"][key])) < 1e-5, key
 
 
-def test_train_from_many_shards_gives_the_losses_of_one(tmp_path, monkeypatch):
+def test_train_from_many_shards_gives_the_losses_of_one(tmp_path, monkeypatch, run_main):
     import corpus
 
     one, many = tmp_path / "one", tmp_path / "many"
@@ -118,8 +119,9 @@ def test_train_from_many_shards_gives_the_losses_of_one(tmp_path, monkeypatch):
     assert len(tokens.shards) == 8
     args = ["--max-iters", "4", "--batch-size", "4", "--eval-interval", "4", "--eval-batches", "2",
             "--dropout", "0.1"]
-    train_run(train_verdict(one), one / "out", *args)
-    train_run(many / "the-verdict.txt", many / "out", *args)
+    monkeypatch.undo()  # the runs: one shard of one/, and the 8 of many/ that are there already
+    for out, data in ((one / "out", train_verdict(one)), (many / "out", many / "the-verdict.txt")):
+        assert run_main("train.py", *train_args(data, out, *args)).returncode == 0
     a, b = train_load(one / "out" / "ckpt.pt"), train_load(many / "out" / "ckpt.pt")
     assert len(b["history"]["loss"]) == 4 and b["history"]["step"] == [0, 4]
     assert a["history"] == b["history"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

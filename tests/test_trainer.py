@@ -11,7 +11,7 @@ import torch
 
 from gpt2 import GPT
 from tests.helpers import (INSTRUCT_TINY, ROOT, SAMPLE_PROMPT, SPAM_TINY, TRAIN_TINY, assert_bitwise_equal,
-                           one_line_error, run_script, snapshot, spam_sample, train_load, train_verdict)
+                           one_line_error, snapshot, spam_sample, train_load, train_verdict)
 
 
 def script_args(script, tmp_path):
@@ -57,25 +57,25 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_files(tmp_path, 
     assert not (out / "ckpt.pt").exists()  # never saved with nan weights
 
 
-def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_runs(tmp_path):
+def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_runs(tmp_path, run_main):
     """Two train.py runs into one --out-dir at once: the second says which process holds it and touches
     nothing; the first ends as if alone."""
     data, out = train_verdict(tmp_path), tmp_path / "out"
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data", data, *TRAIN_TINY,
-                              "--out-dir", out, "--max-iters", "400", "--eval-interval", "100"],
+                              "--out-dir", out, "--max-iters", "100", "--eval-interval", "50"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / ".lock.pid").exists() and time.time() < deadline:
         time.sleep(0.05)
-    line = one_line_error(run_script("train.py", "--data", data, *TRAIN_TINY, "--out-dir", out,
-                                     "--max-iters", 2, "--overwrite"))
+    line = one_line_error(run_main("train.py", "--data", data, *TRAIN_TINY, "--out-dir", out,
+                                   "--max-iters", 2, "--overwrite"))
     assert f"is in use by a run that has not ended (process {first.pid})" in line
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert train_load(out / "ckpt.pt")["step"] == 400
+    assert train_load(out / "ckpt.pt")["step"] == 100
 
 
-def test_a_log_has_one_line_per_evaluation_and_no_progress_bars(tmp_path):
-    r = run_script("train.py", "--data", train_verdict(tmp_path), *TRAIN_TINY, "--out-dir", tmp_path / "o",
+def test_a_log_has_one_line_per_evaluation_and_no_progress_bars(tmp_path, run_main):
+    r = run_main("train.py", "--data", train_verdict(tmp_path), *TRAIN_TINY, "--out-dir", tmp_path / "o",
                    "--max-iters", 6, "--eval-interval", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "\r" not in r.stderr + r.stdout and "%|" not in r.stderr + r.stdout
@@ -83,24 +83,24 @@ def test_a_log_has_one_line_per_evaluation_and_no_progress_bars(tmp_path):
            ["step 0", "step 2", "step 4", "step 6"]
 
 
-def test_rotary_positions_train_resume_and_sample(tmp_path):
+def test_rotary_positions_train_resume_and_sample(tmp_path, run_main):
     """--positions rope: the checkpoint keeps it and has no wpe; --resume and sample.py read it so."""
     data, out = train_verdict(tmp_path), tmp_path / "o"
     args = ["--data", data, *TRAIN_TINY, "--out-dir", out, "--positions", "rope", "--eval-interval", 2]
-    r = run_script("train.py", *args, "--max-iters", 2)
+    r = run_main("train.py", *args, "--max-iters", 2)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_script("train.py", *args, "--max-iters", 4, "--resume")
+    r = run_main("train.py", *args, "--max-iters", 4, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = train_load(out / "ckpt.pt")
     assert ckpt["step"] == 4 and ckpt["config"]["positions"] == "rope"
     assert not any("wpe" in k for k in ckpt["model"])
     model = GPT.from_pretrained(str(out / "best.pt"))
     assert model.config.positions == "rope"
-    r = run_script("sample.py", "--model", out / "best.pt", "--max-new-tokens", 5, "--temperature", 0)
+    r = run_main("sample.py", "--model", out / "best.pt", "--max-new-tokens", 5, "--temperature", 0)
     assert r.returncode == 0 and r.stdout.startswith(SAMPLE_PROMPT), r.stderr[-2000:]
-    line = one_line_error(run_script("train.py", *args, "--max-iters", 6, "--resume", "--positions",
+    line = one_line_error(run_main("train.py", *args, "--max-iters", 6, "--resume", "--positions",
                                      "learned"))
     assert "--positions learned differs from the checkpoint's rope" in line
-    line = one_line_error(run_script("download_weights.py", "--export-hf", out / "best.pt", tmp_path / "hf"))
+    line = one_line_error(run_main("download_weights.py", "--export-hf", out / "best.pt", tmp_path / "hf"))
     assert "has rotary positions, which GPT-2's Hugging Face format cannot hold" in line
     assert not (tmp_path / "hf").exists()
