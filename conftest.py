@@ -94,6 +94,9 @@ def find_data():
 DATA = find_data()
 os.environ["GPT2_DATA"] = str(DATA)  # before any test module or tests/helpers.py reads it
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(DATA / "tiktoken-cache"))  # tiktoken's gpt2 files, offline
+# One thread per test process, and the processes (xdist's workers, one per core, and the scripts they
+# start) share the cores: several threads each would wait on one another (the figures are bench.py's).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
