@@ -2,6 +2,7 @@
 
 import math
 import re
+import tempfile
 
 import pytest
 import torch
@@ -88,8 +89,9 @@ def test_bench_quick_prints_every_row_and_nothing_else(tmp_path):
             assert torch.equal(loaded.state_dict()[name], p), (kind, name)
 
 
-def test_bench_generation_only_stops_after_batch_1(tmp_path):
-    out = bench_run([*BENCH_TINY, "--generation-only"], tmp_path)
+def test_bench_generation_only_stops_after_batch_1(tmp_path, monkeypatch, run_main):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where bench.py keeps the weights' files
+    out = run_main("bench.py", *BENCH_TINY, "--generation-only")
     assert out.returncode == 0, out.stderr[-3000:]
     labels = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")][2:]
     expected = [label for label, _ in BENCH_ROWS[:BENCH_ROWS.index(("generation, top-k 50", 3)) + 1]

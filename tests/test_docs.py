@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = ["download_weights.py", "train.py", "finetune_spam.py", "finetune_instruct.py", "sample.py",
            "explore.py", "bench.py", "tools/bench_data.py", "tools/bench_int8.py", "tools/stress_resume.py",
-           "tools/spam_seeds.py", "tools/book_curves.py", "tools/bench_runs.py", "finetune_summarize.py"]
+           "tools/spam_seeds.py", "tools/book_curves.py", "tools/bench_runs.py", "finetune_summarize.py",
+           "tools/transformers_sample.py"]
 PASSES_TO = {"tools/spam_seeds.py": "finetune_spam.py"}  # a tool that runs a script with the flags after --
 
 
