@@ -99,6 +99,12 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(DATA / "tiktoken-cache"))  # tik
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one test process more than the cores; many tests wait on a script they started, whose
+    process has the core meanwhile."""
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_configure(config):
     """Fetch what no folder holds, once, before the first test (in the main process, not in xdist's
     workers)."""
