@@ -32,8 +32,8 @@ from gpt2 import GPT, GPTConfig
 from int8 import quantize
 from measure import (TRAINING, in_fresh_process, matmul_peak, matvec_bandwidth, memory_now_and_peak,
                      read_bandwidth, reset_peak, rss, timed)
-from peers import (ctranslate2_generator, ctranslate2_installed, generate, generate_ctranslate2,
-                   generate_llama_cpp, generate_ragged, llama_cpp_installed, llama_cpp_model, make_models)
+from peers import (ctranslate2_generator, generate, generate_ctranslate2, generate_llama_cpp, generate_ragged,
+                   installed, llama_cpp_model, make_models)
 from trainer import configure_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -175,7 +175,8 @@ def print_table(args, n_params, rows):
 
 def main():
     p = argument_parser(__doc__)
-    p.add_argument("--n-layer", type=number(int, 1), default=12, help="model size (the defaults are GPT-2 124M)")
+    p.add_argument("--n-layer", type=number(int, 1), default=12,
+                   help="model size (the defaults are GPT-2 124M)")
     p.add_argument("--n-head", type=number(int, 1), default=12)
     p.add_argument("--n-embd", type=number(int, 1), default=768)
     p.add_argument("--batch-size", type=number(int, 1), default=4, help="training batch")
@@ -302,7 +303,7 @@ def main():
         f"{t[in_out] / t[ours]:.2f}x")
     del in_out
     # a C++ engine for inference on the same weights: float32, then int8 weights (ours: int8.py, on the CPU)
-    for compute_type in ("float32", "int8") if ctranslate2_installed() else ():
+    for compute_type in ("float32", "int8") if installed("ctranslate2") else ():
         folder = os.path.join(checkpoints_root(args), f"ctranslate2-{compute_type}")
         engine = ctranslate2_generator(theirs, folder, compute_type)
         tokens = generate_ctranslate2(engine, idx, n)
@@ -317,7 +318,7 @@ def main():
             f"{n / t['ours']:.1f}", f"{n / t['engine']:.1f}", t["engine"] / t["ours"])
         del engine, mine
     # llama.cpp on our own GGUF export: f32, then q8_0 against our int8 (both int8 weights, on the CPU)
-    for gguf_type in ("f32", "q8_0") if llama_cpp_installed() and dev == "cpu" else ():
+    for gguf_type in ("f32", "q8_0") if installed("llama_cpp") and dev == "cpu" else ():
         llm = llama_cpp_model(ours, os.path.join(checkpoints_root(args), f"llama-cpp-{gguf_type}.gguf"),
                               gguf_type)
         tokens = generate_llama_cpp(llm, idx, n)

@@ -61,19 +61,21 @@ def generate_ragged(model, prompts, new_tokens, autocast):
                                                                       generation_config=config).tolist())]
 
 
-def ctranslate2_installed():
-    """CTranslate2 is a peer only where it is installed (requirements-test.txt has it)."""
+def installed(module):
+    """A peer is measured only where it is installed: CTranslate2 (requirements-test.txt has it) and
+    llama.cpp ("llama_cpp": llama-cpp-python, built from source)."""
     import importlib.util
 
-    return importlib.util.find_spec("ctranslate2") is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def ctranslate2_generator(theirs, folder, compute_type):
     """transformers' model -> CTranslate2's Generator on the same weights, converted into folder once, in
     compute_type ("float32", "int8": its int8 weights, one scale per row, float32 activations). Its
     tokens are the ids written as strings: no tokenizer files needed."""
-    # Its OpenMP threads, left to wait actively, keep the cores busy between its calls and slow ours to
-    # 0.65x; a passive wait costs it nothing measurable. Its OpenMP reads this once, as it loads.
+    # Its OpenMP threads, left to wait actively, kept the cores busy between its calls: ours ran at 0.65x
+    # its speed after a run of it, 0.97x with a passive wait, which cost it nothing measurable. Its OpenMP
+    # reads the setting once, as it loads.
     waiting, os.environ["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY"), "PASSIVE"
     try:
         import ctranslate2
@@ -106,13 +108,6 @@ def generate_ctranslate2(generator, idx, new_tokens):
     result = generator.generate_batch([prompt], max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
                                       include_prompt_in_result=False, end_token=[])
     return torch.cat([idx, torch.tensor(result[0].sequences_ids, device=idx.device)], dim=1)
-
-
-def llama_cpp_installed():
-    """llama.cpp (llama-cpp-python) is a peer only where it is installed: it is built from source."""
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def llama_cpp_model(ours, path, gguf_type):

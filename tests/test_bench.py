@@ -20,7 +20,7 @@ BENCH_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--batch-size
               "--prompt-len", "8", "--new-tokens", "12", "--batch-new-tokens", "4", "--prefill", "32",
               "--reps", "1", "--warmup", "0"]
 NATIVE_BF16 = native_bf16("cpu")  # bench.py measures bfloat16 where the CPU computes it
-LLAMA_CPP = peers.llama_cpp_installed()  # and llama.cpp where llama-cpp-python is installed
+LLAMA_CPP = peers.installed("llama_cpp")  # and llama.cpp where llama-cpp-python is installed
 LLAMA_FILES = ["llama-cpp-f32.gguf", "llama-cpp-q8_0.gguf"] if LLAMA_CPP else []
 # the rows of each training setting: (start of the label, the columns shown: 1 ours, 3 compared)
 TRAINING_ROWS = [
