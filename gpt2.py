@@ -206,12 +206,9 @@ class GPT(nn.Module):
     def empty(cls, config):
         """A GPT of shapes only, on the meta device (no memory), for load_weights to fill. Its random draws
         are skipped: they fill nothing, and on meta the first one imports torch._dynamo (about 1.5 s)."""
-        normal_, torch.Tensor.normal_ = torch.Tensor.normal_, lambda tensor, *args, **kwargs: tensor
-        try:
-            with torch.device("meta"):
-                return cls(config)
-        finally:
-            torch.Tensor.normal_ = normal_
+        from unittest import mock  # mock.patch.object: normal_ does nothing while the model is built
+        with torch.device("meta"), mock.patch.object(torch.Tensor, "normal_", lambda t, *args, **kwargs: t):
+            return cls(config)
 
     def hidden_states(self, idx, caches=None, pad=None):
         """(B, T) ids -> (B, T, n_embd) vectors. pad (B,): each row's padding on the left, seen by none."""
@@ -236,8 +233,7 @@ class GPT(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    def checkpoint(self, **extra):
-        """What from_pretrained reads back from a .pt: the config and the weights, plus anything in extra."""
+    def checkpoint(self, **extra):  # what from_pretrained reads back from a .pt: config, weights, extra
         return {"config": asdict(self.config), "model": self.state_dict(), **extra}
 
     # Sampling: turn the last position's scores into the next token.
@@ -268,7 +264,7 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), not {temperature}")
         if (top_k is not None and top_k < 1) or (top_p is not None and not 0 <= top_p <= 1):
             raise ValueError(f"top_k must be >= 1 and top_p in [0, 1], or None, not {top_k} and {top_p}")
-        n_ctx, caches = self.config.n_ctx, None
+        n_ctx, caches, dtype = self.config.n_ctx, None, self.transformer.wte.weight.dtype  # (the cache's)
         length = min(n_ctx, idx.size(1) + max_new_tokens)  # the most positions a cache holds
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -276,7 +272,7 @@ class GPT(nn.Module):
                 # (re)start from the last n_ctx tokens: a full window moves every position each step
                 cut, idx = max(idx.size(1) - n_ctx, 0), idx[:, -n_ctx:]
                 pad = None if pad is None else (pad - cut).clamp(min=0)
-                caches = [KVCache(len(idx), length, self.config, idx.device, self.transformer.wte.weight.dtype)
+                caches = [KVCache(idx.size(0), length, self.config, idx.device, dtype)
                           for _ in range(self.config.n_layer)]
             x = self.hidden_states(idx[:, caches[0].len:], caches, pad)  # what the caches have not seen
             logits = self.lm_head(x[:, -1, :])[:, :GPTConfig.vocab_size]  # no extra ids of a padded vocab
