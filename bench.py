@@ -32,8 +32,7 @@ from gpt2 import GPT, GPTConfig
 from int8 import quantize
 from measure import (TRAINING, in_fresh_process, matmul_peak, matvec_bandwidth, memory_now_and_peak,
                      read_bandwidth, reset_peak, rss, timed)
-from peers import (ctranslate2_generator, generate, generate_ctranslate2, generate_llama_cpp, generate_ragged,
-                   installed, llama_cpp_model, make_models)
+from peers import generate, generate_ragged, installed, make_models, start_engine
 from trainer import configure_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -302,36 +301,24 @@ def main():
     row("generation, greedy: ours as loaded (block matrices (out, in)) over them (in, out), speed-up",
         f"{t[in_out] / t[ours]:.2f}x")
     del in_out
-    # a C++ engine for inference on the same weights: float32, then int8 weights (ours: int8.py, on the CPU)
-    for compute_type in ("float32", "int8") if installed("ctranslate2") else ():
-        folder = os.path.join(checkpoints_root(args), f"ctranslate2-{compute_type}")
-        engine = ctranslate2_generator(theirs, folder, compute_type)
-        tokens = generate_ctranslate2(engine, idx, n)
-        if compute_type == "float32" and not torch.equal(tokens, generate(ours, idx, n, None, autocast)):
-            raise RuntimeError("CTranslate2 float32 chose other greedy tokens: the weights did not map over")
-        mine = ours if compute_type == "float32" or dev != "cpu" else quantize(ours)
+    # C++ inference engines on the same weights, one at a time, float32 then int8 (ours in int8: int8.py, on
+    # the CPU): CTranslate2 on transformers' copy, llama.cpp on our own GGUF export (q8_0: int8 in blocks).
+    engines = [("CTranslate2", kind, kind == "int8") for kind in ("float32", "int8")
+               if installed("ctranslate2")]
+    engines += [("llama.cpp", kind, kind == "q8_0") for kind in ("f32", "q8_0")
+                if installed("llama_cpp") and dev == "cpu"]
+    for engine_name, kind, int8 in engines:
+        engine = start_engine(engine_name, kind, ours, theirs, checkpoints_root(args))
+        name = f"{engine_name} {kind}"
+        if not int8 and not torch.equal(engine(idx, n), generate(ours, idx, n, None, autocast)):
+            raise RuntimeError(f"{name} chose other greedy tokens: the weights did not map over")
+        mine = quantize(ours) if int8 and dev == "cpu" else ours
         t = timed({"ours": lambda: generate(mine, idx, n, None, autocast),  # noqa: B023 (called here)
-                   "engine": lambda: generate_ctranslate2(engine, idx, n)},  # noqa: B023
-                  args, f"CTranslate2 {compute_type}")
-        weights = "int8 weights" if mine is not ours else "float32 weights"
-        row(f"generation, greedy, ours in {weights}, CTranslate2 {compute_type} as peer, tokens/s",
+                   "engine": lambda: engine(idx, n)}, args, name)  # noqa: B023
+        weights = "int8" if mine is not ours else "float32"
+        row(f"generation, greedy, ours in {weights} weights, {name} as peer, tokens/s",
             f"{n / t['ours']:.1f}", f"{n / t['engine']:.1f}", t["engine"] / t["ours"])
         del engine, mine
-    # llama.cpp on our own GGUF export: f32, then q8_0 against our int8 (both int8 weights, on the CPU)
-    for gguf_type in ("f32", "q8_0") if installed("llama_cpp") and dev == "cpu" else ():
-        llm = llama_cpp_model(ours, os.path.join(checkpoints_root(args), f"llama-cpp-{gguf_type}.gguf"),
-                              gguf_type)
-        tokens = generate_llama_cpp(llm, idx, n)
-        if gguf_type == "f32" and not torch.equal(tokens, generate(ours, idx, n, None, autocast)):
-            raise RuntimeError("llama.cpp f32 chose other greedy tokens: the GGUF export did not map over")
-        mine = ours if gguf_type == "f32" else quantize(ours)
-        t = timed({"ours": lambda: generate(mine, idx, n, None, autocast),  # noqa: B023 (called here)
-                   "engine": lambda: generate_llama_cpp(llm, idx, n)},  # noqa: B023
-                  args, f"llama.cpp {gguf_type}")
-        weights = "float32" if gguf_type == "f32" else "int8"
-        row(f"generation, greedy, ours in {weights} weights, llama.cpp {gguf_type} as peer, tokens/s",
-            f"{n / t['ours']:.1f}", f"{n / t['engine']:.1f}", t["engine"] / t["ours"])
-        del llm, mine
     row(f"generation, top-k {args.top_k}, tokens/s", f"{n / topk[ours]:.1f}", f"{n / topk[theirs]:.1f}",
         topk[theirs] / topk[ours])
     if args.generation_only:

@@ -2,6 +2,7 @@
 CTranslate2, a C++ engine for inference. Each is imported late: gpt2.py's loading rows must not carry it."""
 
 import os
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -133,3 +134,13 @@ def generate_llama_cpp(llm, idx, new_tokens):
         if len(new) == new_tokens:
             break
     return torch.cat([idx, torch.tensor([new], device=idx.device)], dim=1)
+
+
+def start_engine(name, kind, ours, theirs, root):
+    """CTranslate2 or llama.cpp on the model's weights, converted into root once -> its generate(idx,
+    new_tokens), greedy."""
+    if name == "CTranslate2":
+        folder = os.path.join(root, f"ctranslate2-{kind}")
+        return partial(generate_ctranslate2, ctranslate2_generator(theirs, folder, kind))
+    path = os.path.join(root, f"llama-cpp-{kind}.gguf")
+    return partial(generate_llama_cpp, llama_cpp_model(ours, path, kind))
