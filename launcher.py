@@ -15,6 +15,7 @@ GRACE = 30  # seconds a copy has to stop after a SIGTERM, when another failed, b
 
 
 def free_port():
+    """A port on 127.0.0.1 that nobody listened on a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

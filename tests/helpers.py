@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from gpt2 import GPT, GPTConfig, KVCache
+from launcher import free_port  # noqa: F401 (the tests' too: a port nobody listened on a moment ago)
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
 DATA = Path(os.environ["GPT2_DATA"])  # the real data, where the project's conftest.py found it
@@ -126,13 +126,6 @@ def run_script(name, *args, cwd=ROOT, env=None, timeout=300, launcher=(sys.execu
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
     return subprocess.run([*launcher, str(ROOT / name), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, encoding="utf-8", timeout=timeout)
-
-
-def free_port():
-    """A port on 127.0.0.1 that nobody listened on a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reply(handler, body, status=200, content_type="application/octet-stream"):
