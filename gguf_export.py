@@ -3,6 +3,8 @@ weights under the names of llama.cpp's gpt2 architecture, its sizes, and GPT-2's
 types and the BPE merges), so that the file needs nothing beside it. Written with the gguf package, one
 tensor at a time."""
 
+import functools
+
 import gguf
 import numpy as np
 import torch
@@ -40,9 +42,18 @@ def vocabulary(tokenizer, vocab_size):
     byte_spelling, <|endoftext|> a control token, the 50,000 merges in the order they were learned (rebuilt
     from tiktoken's ranks). Ids past GPT-2's 50,257 (a padded vocabulary) become unused filler tokens
     "[PAD<id>]", as llama.cpp's converter writes them for a padded vocabulary."""
-    enc, spell = tokenizer.enc, byte_spelling()
-    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-    pieces = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+    enc = tokenizer.enc
+    special = frozenset(enc.encode_single_token(s) for s in enc.special_tokens_set)
+    pieces = tuple(enc.decode_single_token_bytes(i) for i in range(enc.n_vocab))
+    tokens, types, merges = spelled(pieces, special)
+    pad = range(enc.n_vocab, vocab_size)
+    return [*tokens, *(f"[PAD{i}]" for i in pad)], [*types, *[gguf.TokenType.UNUSED] * len(pad)], list(merges)
+
+
+@functools.lru_cache(maxsize=1)  # 4 s, and the same for every export in a process (bench.py makes two)
+def spelled(pieces, special):
+    """The tokens, their types and the merges of a tokenizer whose token i is pieces[i] (bytes)."""
+    spell = byte_spelling()
     ranks = {p: i for i, p in enumerate(pieces) if i not in special}
     tokens, types, merges = [], [], []
     for i, piece in enumerate(pieces):
@@ -54,10 +65,7 @@ def vocabulary(tokenizer, vocab_size):
         types.append(gguf.TokenType.NORMAL)
         if len(piece) > 1:
             merges.append(" ".join("".join(spell[b] for b in part) for part in merged_from(piece, ranks)))
-    for i in range(enc.n_vocab, vocab_size):
-        tokens.append(f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED)
-    return tokens, types, merges
+    return tuple(tokens), tuple(types), tuple(merges)
 
 
 def check_representable(model):

@@ -16,8 +16,8 @@ import gpt2
 from errors import UserError
 from files import save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.helpers import (EOT, OPENAI_124M, SAMPLE_PROMPT, hf_twin, one_line_error, snapshot, tiny_model,
-                           write_openai_checkpoint)
+from tests.helpers import (EOT, OPENAI_124M, SAMPLE_PROMPT, TENSORFLOW, hf_twin, one_line_error, snapshot,
+                           tiny_model, write_openai_checkpoint)
 
 FULL = dict(vocab_size=50257, n_embd=64)  # llama.cpp needs GPT-2's whole tokenizer: a tiny model with it
 Q = gguf.GGMLQuantizationType
@@ -38,10 +38,11 @@ def full_pt(tmp_path_factory):
     return model, path
 
 
-def export(run_main, model, out, *flags):
+def export(run_main, model, out, *flags, read=True):
+    """download_weights.py --export-gguf -> the file, read by gguf's reader (its path, read=False)."""
     r = run_main("download_weights.py", "--export-gguf", model, out, *flags)
     assert r.returncode == 0, r.stderr
-    return gguf.GGUFReader(out)
+    return gguf.GGUFReader(out) if read else out
 
 
 def field(reader, key):
@@ -133,20 +134,22 @@ def test_gguf_f16_and_q8_0_round_only_the_matrices(full_pt, tmp_path, run_main):
                 assert ((values.reshape(-1, 32) - blocks).abs() <= step * 1.001).all(), t.name
 
 
+@TENSORFLOW
 def test_gguf_from_each_kind_of_model_file(full_pt, tmp_path, run_main):
     """OpenAI's TensorFlow folder, a Hugging Face folder and an instruction-tuned best.pt of the same weights
-    give the same tensors."""
-    model, pt = full_pt
-    openai = write_openai_checkpoint(tmp_path / "openai", hf_twin(model), n_ctx=model.config.n_ctx)
+    give the same file, byte for byte: the same tensors and the same tokenizer (each source is named "tiny",
+    as the file's general.name is)."""
+    model, pt = full_pt  # .../tiny.pt
+    openai = write_openai_checkpoint(tmp_path / "openai" / "tiny", hf_twin(model), n_ctx=model.config.n_ctx)
     for name in ("encoder.json", "vocab.bpe"):
         shutil.copy(OPENAI_124M / name, openai / name)
-    assert run_main("download_weights.py", "--export-hf", pt, tmp_path / "hf").returncode == 0
-    save_atomic(model.checkpoint(args={"lora_rank": 0}, val_loss=2.5, step=10), str(tmp_path / "best.pt"))
-    exported = [{t.name: np.array(t.data) for t in export(run_main, source, tmp_path / f"{i}.gguf").tensors}
-                for i, source in enumerate((pt, openai, tmp_path / "hf", tmp_path / "best.pt"))]
-    for other in exported[1:]:
-        assert other.keys() == exported[0].keys()
-        assert all(np.array_equal(other[k], exported[0][k]) for k in other)
+    hf, best = tmp_path / "hf" / "tiny", tmp_path / "best" / "tiny.pt"
+    assert run_main("download_weights.py", "--export-hf", pt, hf).returncode == 0
+    best.parent.mkdir()
+    save_atomic(model.checkpoint(args={"lora_rank": 0}, val_loss=2.5, step=10), str(best))
+    exported = [export(run_main, source, tmp_path / f"{i}.gguf", read=False).read_bytes()
+                for i, source in enumerate((pt, openai, hf, best))]
+    assert all(other == exported[0] for other in exported[1:])
 
 
 def test_gguf_padded_vocabulary_gets_unused_filler_tokens(tmp_path, run_main):
