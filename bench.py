@@ -32,7 +32,7 @@ from gpt2 import GPT, GPTConfig
 from int8 import quantize
 from measure import (TRAINING, in_fresh_process, matmul_peak, matvec_bandwidth, memory_now_and_peak,
                      read_bandwidth, reset_peak, rss, timed)
-from peers import generate, generate_ragged, installed, make_models, start_engine
+from peers import generate, generate_ragged, installed, make_models, make_ours, start_engine
 from trainer import configure_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,9 +87,8 @@ def phase_peak(which, phase, args_dict):
     """Run in a fresh process: one phase (2 training steps, or a greedy generation) of one
     model -> (memory before, peak during) in bytes: RSS on CPU, allocated memory on CUDA."""
     args = argparse.Namespace(**args_dict)
-    ours, theirs = make_models(args.n_layer, args.n_head, args.n_embd, args.seed)
-    model = (ours if which == "ours" else theirs).to(args.device)
-    ours = theirs = None  # the loading rows measure fresh processes: free this one's memory
+    sizes = (args.n_layer, args.n_head, args.n_embd, args.seed)
+    model = (make_ours(*sizes) if which == "ours" else make_models(*sizes)[1]).to(args.device)
     autocast = autocast_for(args.device)
     torch.manual_seed(args.seed)
     if phase == "train":
@@ -118,6 +117,8 @@ def load_peak(which, path):
     elif which == "ours":
         # what transformers' import brings; GPT.empty's first use needs it
         import torch._dynamo as dynamo  # noqa: F401
+    elif "torch._dynamo" in sys.modules:
+        raise RuntimeError("the fresh process for the first load had imported torch._dynamo already")
     before = rss()
     reset_peak("cpu")
     t0 = time.perf_counter()

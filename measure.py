@@ -1,12 +1,12 @@
 """Measuring on this machine: runs timed side by side, memory peaks, fresh processes, and the machine's
 own limits (matmul peak, memory bandwidth) that a model's figures are read against. bench.py's tools."""
 
-import json
+import importlib
+import multiprocessing
 import os
 import statistics
-import subprocess
-import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch.nn import functional as F
@@ -64,13 +64,19 @@ def memory_now_and_peak(device):
 
 
 def in_fresh_process(module, fn, *fn_args):
-    """module.fn(*fn_args) in a new Python process, in the project's folder; returns what it returns
-    (through JSON)."""
-    code = f"import json, {module}; print(json.dumps({module}.{fn}(*{fn_args!r})))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{module}.{fn}{fn_args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """module.fn(*fn_args) in a new process, its output silenced -> what it returns (or raises). The process
+    is forked from a server that has imported module but nothing module imports late (transformers,
+    torch._dynamo): fresh in all that is measured, without paying torch's import again each time."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([module])  # (kept from the first call: the server starts then)
+    with ProcessPoolExecutor(1, mp_context=context, initializer=silence) as pool:
+        return pool.submit(getattr(importlib.import_module(module), fn), *fn_args).result()
+
+
+def silence():
+    """stdout and stderr to nowhere: a peer's progress bars and notes would land among the rows."""
+    for fd in (1, 2):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
 # -----------------------------------------------------------------------------

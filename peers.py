@@ -10,17 +10,22 @@ import torch
 from gpt2 import GPT, GPTConfig, load_weights
 
 
+def make_ours(n_layer, n_head, n_embd, seed):
+    """Random GPT-2 weights (the same for a given seed), laid out as from_pretrained leaves any file
+    (load_weights), as a user who loads weights has them."""
+    torch.manual_seed(seed)
+    fresh = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    return load_weights(GPT.empty(fresh.config), fresh.state_dict(), "random weights").eval()
+
+
 def make_models(n_layer, n_head, n_embd, seed):
-    """Random GPT-2 weights (the same for a given seed) -> (ours, transformers' GPT2LMHeadModel). Ours is
-    laid out as from_pretrained leaves any file (load_weights), as a user who loads weights has it."""
+    """make_ours' model and transformers' GPT2LMHeadModel with the same weights -> (ours, theirs)."""
     # imported late: gpt2.py's loading row must not carry it
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
     transformers.logging.set_verbosity_error()  # its notes on our flags would land among the rows
-    torch.manual_seed(seed)
-    fresh = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-    ours = load_weights(GPT.empty(fresh.config), fresh.state_dict(), "random weights").eval()
+    ours = make_ours(n_layer, n_head, n_embd, seed)
     c = ours.config
     theirs = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
