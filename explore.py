@@ -157,7 +157,7 @@ def attention_weights(model, ids):
 
 
 def heatmap(ax, weights, labels, title, xlabels=True, ylabels=True):
-    ax.imshow(weights, cmap="viridis", vmin=0, vmax=1)
+    ax.imshow(weights.numpy(), cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(labels)), labels if xlabels else [], rotation=90, fontsize=8)
     ax.set_yticks(range(len(labels)), labels if ylabels else [], fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -268,7 +268,7 @@ def show_words(model, tokenizer, words, out):
     xy, share = pca_2d(token_embeddings(model)[ids])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
-    ax.scatter(xy[:, 0], xy[:, 1])
+    ax.scatter(*xy.T.numpy())
     for (x, y), i in zip(xy.tolist(), ids):
         ax.annotate(tokenizer.decode([i]), (x, y), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel(f"first principal component ({share[0]:.0%} of the variance)")
