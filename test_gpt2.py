@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig, Tokenizer, size_name
-from tests.helpers import (OPENAI_124M, ROOT, TINY, cached_logits, generate_without_cache, hf_twin,
-                           ragged_prompts, real_index, tiny_model, write_openai_checkpoint)
+from tests.helpers import (OPENAI_124M, ROOT, TENSORFLOW, TINY, cached_logits, generate_without_cache,
+                           hf_twin, ragged_prompts, real_index, tiny_model, write_openai_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -234,6 +234,7 @@ def test_same_seed_same_tokens():
 # OpenAI's TensorFlow checkpoints
 
 
+@TENSORFLOW
 def test_expected_variables_equal_the_real_124M_index():
     with open(OPENAI_124M / "hparams.json") as f:
         hp = json.load(f)
@@ -247,6 +248,7 @@ def test_expected_variables_equal_the_real_124M_index():
     assert expected == real_index()
 
 
+@TENSORFLOW
 def test_openai_checkpoint_loads_and_matches_transformers(tmp_path):
     hf = hf_twin(tiny_model(seed=3))
     folder = write_openai_checkpoint(tmp_path / "tiny", hf, n_ctx=TINY["n_ctx"])
@@ -267,6 +269,7 @@ def test_own_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded(idx)[0], model(idx)[0])
 
 
+@TENSORFLOW
 def test_every_reader_gives_transformers_logits_and_one_layout(tmp_path):
     """The same weights as transformers' own folder, OpenAI's TensorFlow checkpoint and a .pt of ours:
     each loads to transformers' logits and greedy tokens, and to the same memory layout (float32,
@@ -415,6 +418,7 @@ def test_missing_folder_and_missing_weights_file(tmp_path):
         GPT.from_pretrained(str(OPENAI_124M))  # the real folder, whose 497 MB data file is absent
 
 
+@TENSORFLOW
 def test_variable_of_wrong_shape_or_name(tmp_path):
     hf = hf_twin(tiny_model())
 

@@ -1,8 +1,12 @@
 """What the tests share: where the real data is, tiny models and their transformers twin, OpenAI-layout
-checkpoints written with TensorFlow, running a script as a user would (run_script), a reply of a local HTTP
-server, a fake Ollama judge, and the checks of bad input: one line, no traceback, the files that were there
-left as they were. The fixtures (run_main, serve) are in conftest.py."""
+checkpoints written with TensorFlow, running a script as a user would (run_script) or in this process
+(run_in_process), a reply of a local HTTP server, a fake Ollama judge, and the checks of bad input: one
+line, no traceback, the files that were there left as they were. The fixtures (run_main, serve) are in
+conftest.py."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import shutil
@@ -13,6 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig, KVCache
@@ -28,6 +33,8 @@ LOCK_FILES = {".lock", ".lock.pid"}  # files.lock_out_dir's
 # Tiny models, and the same weights in transformers' GPT-2 and in OpenAI's TensorFlow layout.
 
 TINY = dict(vocab_size=96, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+# The tests that import TensorFlow (9 s of a core) run in one of xdist's processes, not in each.
+TENSORFLOW = pytest.mark.xdist_group("tensorflow")
 
 
 def hf_twin(model):
@@ -37,13 +44,17 @@ def hf_twin(model):
     from transformers.pytorch_utils import Conv1D
 
     c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    ))
+    with torch.device("meta"):  # no random weights to draw (3 s for 124M): each is given below
+        hf = GPT2LMHeadModel(GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        ))
     conv1d = {f"{name}.weight" for name, module in hf.named_modules() if isinstance(module, Conv1D)}
-    state = {k: v.t() if k in conv1d else v for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, strict=False)  # strict=False: transformers keeps no copy of the tied lm_head
+    state = {k: (v.t() if k in conv1d else v).contiguous().clone() for k, v in model.state_dict().items()}
+    # strict=False: transformers keeps no copy of the tied lm_head, which tie_weights points at wte again
+    hf.load_state_dict(state, strict=False, assign=True)
+    hf.tie_weights()
+    assert not any(p.is_meta for p in hf.parameters())
     return hf.eval()
 
 
@@ -126,6 +137,39 @@ def run_script(name, *args, cwd=ROOT, env=None, timeout=300, launcher=(sys.execu
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
     return subprocess.run([*launcher, str(ROOT / name), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+
+
+def run_in_process(script, *args, cwd=None, env=None):
+    """The script's main() in this process (in folder cwd, with the variables env adds), as `python script
+    args` runs it but without starting a new interpreter -> a CompletedProcess, as run_script gives. The
+    run_main fixture's, for fixtures that outlive a test."""
+    import errors
+    import files
+
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    handler, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with (pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out),
+              contextlib.redirect_stderr(err)):
+            m.setattr(sys, "argv", [script, *map(str, args)])
+            for name, value in (env or {}).items():
+                m.setenv(name, value)
+            if cwd is not None:
+                m.chdir(cwd)
+            errors.run(module.main)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # (errors.run makes SIGTERM a Ctrl-C)
+        torch.set_num_threads(threads)  # (a script may set its own)
+        for lock in files.LOCKS:  # a process runs one script: its out-dir locks go when it ends
+            lock.release()
+        files.LOCKS.clear()
+        for folder in files.LOCKED:
+            files.remove_if_unused(folder)
+        files.LOCKED.clear()
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def reply(handler, body, status=200, content_type="application/octet-stream"):

@@ -12,9 +12,9 @@ import devices
 import files
 import trainer
 from errors import UserError
-from tests.helpers import (INSTRUCT_TINY, OPENAI_124M, SAMPLE_PROMPT, SPAM_DATA, SPAM_TINY, TINY, free_port,
-                           hf_twin, one_line_error, run_script, snapshot, tiny_model, train_args, train_load,
-                           train_run, train_verdict, write_openai_checkpoint)
+from tests.helpers import (INSTRUCT_TINY, OPENAI_124M, SAMPLE_PROMPT, SPAM_DATA, SPAM_TINY, TENSORFLOW, TINY,
+                           free_port, hf_twin, one_line_error, run_in_process, run_script, snapshot,
+                           tiny_model, train_args, train_load, train_verdict, write_openai_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def trained(tmp_path_factory):
     """A finished 8-step train.py run on the real the-verdict.txt: (data, out-dir, its arguments)."""
     tmp = tmp_path_factory.mktemp("trained")
     data, args = train_verdict(tmp), ("--max-iters", 8, "--eval-interval", 4, "--batch-size", 2)
-    train_run(data, tmp / "out", *args)
+    r = run_in_process("train.py", *train_args(data, tmp / "out", *args))
+    assert r.returncode == 0, r.stderr[-3000:]
     return data, tmp / "out", args
 
 
@@ -159,6 +160,7 @@ def test_bad_offline_tokenizer_says_what_is_needed(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith(SAMPLE_PROMPT), r.stderr[-2000:]
 
 
+@TENSORFLOW
 def test_bad_files_are_named(tmp_path, run_main):
     hf = hf_twin(tiny_model())
     folder = write_openai_checkpoint(tmp_path / "cut", hf, n_ctx=TINY["n_ctx"])

@@ -12,7 +12,7 @@ import plots
 import trainer
 from gpt2 import Tokenizer
 from loading import openai_tokenizer
-from tests.helpers import DATA, OPENAI_124M, run_script, tiny_model, train_args, train_load, train_verdict
+from tests.helpers import DATA, OPENAI_124M, tiny_model, train_args, train_load, train_verdict
 
 
 def test_tokenizer_from_openai_files_equals_tiktoken():
@@ -102,7 +102,7 @@ def test_bfloat16_training_learns_and_keeps_float32_weights(tmp_path, monkeypatc
     AdamW's state and the checkpoints stay float32, the loss falls as in float32, and the run is recorded."""
     monkeypatch.setattr(devices, "native_bf16", lambda device_type: True)
     data = train_verdict(tmp_path)
-    args = ["--max-iters", 30, "--batch-size", 4, "--lr", "3e-3", "--eval-interval", 30, "--dropout", 0]
+    args = ["--max-iters", 10, "--batch-size", 4, "--lr", "1e-2", "--eval-interval", 10, "--dropout", 0]
     for dtype in ("float32", "bfloat16"):
         assert run_main("train.py",
                         *train_args(data, tmp_path / dtype, *args, "--dtype", dtype)).returncode == 0
@@ -141,13 +141,13 @@ def test_each_epoch_trains_on_every_item_once_in_its_own_order():
 # Errors.
 
 
-def test_tracebacks_on_request(tmp_path):
+def test_tracebacks_on_request(tmp_path, run_main):
     """A bad file is one line; GPT2_DEBUG=1 shows the whole traceback instead, for whoever changes the
     code."""
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    r = run_script("sample.py", "--model", tmp_path / "junk.pt")
+    r = run_main("sample.py", "--model", tmp_path / "junk.pt")
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
-    r = run_script("sample.py", "--model", tmp_path / "junk.pt", env={"GPT2_DEBUG": "1"})
+    r = run_main("sample.py", "--model", tmp_path / "junk.pt", env={"GPT2_DEBUG": "1"})
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
     assert "UserError: " in r.stderr and "is not a checkpoint of this project" in r.stderr
 

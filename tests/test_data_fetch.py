@@ -63,13 +63,13 @@ def test_missing_data_is_fetched_once_into_the_cache(tmp_path, serve):
 
 def test_the_tests_run_on_fetched_data_and_offline_say_what_they_need(tmp_path, serve):
     """pytest where no data folder is: conftest.py fetches through the mirror, and tests that read the real
-    124M index and tiktoken's files pass; with nothing to fetch from, pytest stops with one line."""
+    124M folder and tiktoken's files pass; with nothing to fetch from, pytest stops with one line."""
     server = serve(Mirror, files=mirror_files(), requests=[])
     env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
     env.update(GPT2_DATA=str(tmp_path / "nowhere"), GPT2_DATA_CACHE=str(tmp_path / "cache"),
                GPT2_DATA_MIRROR=server.url)
     tests = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
-             str(ROOT / "test_gpt2.py"), "-k", "real_124M_index or known_ids"]
+             str(ROOT / "test_gpt2.py"), "-k", "missing_weights_file or known_ids"]
     r = subprocess.run(tests, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert len(server.requests) == len(data.DATA_FILES) and not data.missing(tmp_path / "cache")

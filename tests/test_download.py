@@ -22,8 +22,8 @@ from errors import UserError
 from fetch import download
 from files import save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.helpers import (DATA, OPENAI_124M, ROOT, TINY, free_port, hf_twin, one_line_error, real_index,
-                           reply, run_script, snapshot, tiny_model, write_openai_checkpoint)
+from tests.helpers import (DATA, OPENAI_124M, ROOT, TENSORFLOW, TINY, free_port, hf_twin, one_line_error,
+                           real_index, reply, snapshot, tiny_model, write_openai_checkpoint)
 
 # -----------------------------------------------------------------------------
 # download_weights.py and fetch.download, against a server on 127.0.0.1
@@ -116,6 +116,7 @@ def _dl_release(size):
     return {f"/{size}/{name}": real.get(name, fake[name]) for name in download_weights.FILES}
 
 
+@TENSORFLOW
 def test_dl_sizes_table_is_true():
     """The published sizes: 124M's small files against the real ones in shared/data, its data file
     against 4 bytes per float32 that the real index lists, and 355M's data file likewise from its shape."""
@@ -210,6 +211,7 @@ def test_dl_ensure_file(dl_server, dl_no_wait, tmp_path):
     assert not list(tmp_path.glob("g*"))
 
 
+@TENSORFLOW
 def test_dl_script_downloads_then_skips(dl_server, tmp_path, run_main):
     """774M: the tokenizer files are checked against their published sizes, the rest against
     Content-Length, and the checkpoint is converted; a second run requests and converts nothing."""
@@ -228,6 +230,7 @@ def test_dl_script_downloads_then_skips(dl_server, tmp_path, run_main):
     assert "converted already, skipped" in r.stdout and snapshot(tmp_path / "774M") == converted
 
 
+@TENSORFLOW
 def test_dl_script_refuses_wrong_size(dl_server, tmp_path, run_main):
     dl_server.files = _dl_release("774M")
     dl_server.files["/774M/vocab.bpe"] = dl_server.files["/774M/vocab.bpe"][:-10]  # truncated on the server
@@ -262,6 +265,7 @@ def test_dl_script_unknown_model(tmp_path, run_main):
     assert not list(tmp_path.iterdir())
 
 
+@TENSORFLOW
 def test_dl_captive_portal_page_is_never_kept_nor_skipped(dl_server, tmp_path, run_main):
     """774M publishes no sizes for most of its files: a server answering every request with an HTML page (a
     captive portal) gets nothing saved, in one line that names the Hub (as a 404 does); a page an earlier
@@ -308,6 +312,7 @@ def test_dl_each_file_is_checked_for_what_it_must_hold(tmp_path):
         assert said in download_weights.what_is_wrong(str(tmp_path / name)), name
 
 
+@TENSORFLOW
 def test_dl_a_file_that_is_not_what_it_must_be_is_not_saved(dl_server, dl_no_wait, tmp_path, run_main):
     """774M's index (no published size) served whole but cut short by the server itself: one line, no
     model.ckpt.index and no .part left."""
@@ -406,6 +411,7 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, run_main
     hf_logits_equal(GPT.from_pretrained(str(out)), hf, TINY["vocab_size"])
 
 
+@TENSORFLOW
 def test_hf_converted_checkpoint_equals_the_tensorflow_one_and_loads_without_tensorflow(tmp_path):
     """OpenAI's layout, written with TensorFlow -> download_weights' conversion -> model.safetensors
     loads to bitwise the TensorFlow load's weights, in a process that never imports TensorFlow; the

@@ -12,7 +12,7 @@ import explore
 from errors import UserError
 from files import save_atomic
 from gpt2 import GPT, Tokenizer
-from tests.helpers import (OPENAI_124M, TINY, hf_twin, real_index, run_script, tiny_model,
+from tests.helpers import (OPENAI_124M, TENSORFLOW, TINY, hf_twin, real_index, run_in_process, tiny_model,
                            write_openai_checkpoint)
 
 
@@ -36,6 +36,7 @@ def explore_parameters(n_layer, n_head, n_embd, vocab_size=50257, n_ctx=1024):
     return vocab_size * C + n_ctx * C + n_layer * block + 2 * C
 
 
+@TENSORFLOW
 def test_explore_weights_of_the_real_124M_index(monkeypatch, capsys):
     """From the index alone (no data file): every tensor with OpenAI's name and shape, the real total.
     (main() in this process: TensorFlow is loaded once.)"""
@@ -61,6 +62,7 @@ def test_explore_weights_of_the_real_124M_index(monkeypatch, capsys):
                       "1558M": (48, 25, 1600)}.items()}
 
 
+@TENSORFLOW
 def test_explore_weights_of_our_checkpoint(tmp_path):
     model = tiny_model()
     path = tmp_path / "tiny.pt"
@@ -159,10 +161,10 @@ def explore_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("explore")
     model = tiny_model(seed=8, vocab_size=50257)
     save_atomic(model.checkpoint(), str(folder / "tiny.pt"))
-    r = run_script("explore.py", "--model", folder / "tiny.pt", "--out-dir", folder / "pictures",
-                   "--attention", EXPLORE_TEXT, "--layer", 1, "--head", 2, "--neighbors", "king",
-                   "--analogy", "king - man + woman", "--words", "king", "queen", "man", "woman",
-                   "--next", EXPLORE_TEXT, "--top-k", 3)
+    r = run_in_process("explore.py", "--model", folder / "tiny.pt", "--out-dir", folder / "pictures",
+                       "--attention", EXPLORE_TEXT, "--layer", 1, "--head", 2, "--neighbors", "king",
+                       "--analogy", "king - man + woman", "--words", "king", "queen", "man", "woman",
+                       "--next", EXPLORE_TEXT, "--top-k", 3)
     assert r.returncode == 0, r.stderr[-2000:]
     return model, folder / "pictures", r.stdout
 

@@ -10,7 +10,8 @@ from tests.helpers import ROOT
 
 CHILD = """import json, os, sys, time
 names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-print(json.dumps({k: os.environ[k] for k in names} | {"argv": sys.argv[1:]}), flush=True)
+line = json.dumps({k: os.environ[k] for k in names} | {"argv": sys.argv[1:]}) + "\\n"
+os.write(1, line.encode())  # one write: the processes share the pipe, and their lines must not mix
 if os.environ["RANK"] == sys.argv[1]:
     sys.exit(3)
 time.sleep(float(sys.argv[2]))

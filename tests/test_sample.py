@@ -6,7 +6,7 @@ import torch
 from files import save_atomic
 from gpt2 import GPT, GPTConfig, Tokenizer
 from instruction import format_prompt
-from tests.helpers import DATA, SAMPLE_PROMPT, run_script
+from tests.helpers import DATA, SAMPLE_PROMPT
 
 # -----------------------------------------------------------------------------
 # sample.py, on a tiny train.py-style checkpoint

@@ -15,8 +15,8 @@ import finetune_spam as fs
 import sms_spam
 import trainer
 from gpt2 import GPT, GPTConfig, Tokenizer
-from tests.helpers import (EOT, ROOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error, run_script,
-                           spam_sample, stop_then_resume)
+from tests.helpers import (EOT, ROOT, SPAM_DATA, SPAM_TINY, assert_bitwise_equal, one_line_error,
+                           run_in_process, spam_sample, stop_then_resume)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def spam_run(tmp_path_factory):
     """A tiny fine-tuning run on 60 ham and 60 spam lines of the real file."""
     tmp = tmp_path_factory.mktemp("spam")
     spam_sample(tmp)
-    r = run_script("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out",
-                   "--epochs", "2", "--lr", "1e-3", "--seed", "7", *SPAM_TINY, cwd=tmp)
+    r = run_in_process("finetune_spam.py", "--data", "sample.tsv", "--split-dir", "split", "--out-dir", "out",
+                       "--epochs", "2", "--lr", "1e-3", "--seed", "7", *SPAM_TINY, cwd=tmp)
     assert r.returncode == 0, r.stderr
     return tmp
 
@@ -213,9 +213,9 @@ def test_spam_resume_after_ctrl_c_is_bitwise_exact(tmp_path, run_main):
            and all(torch.equal(v, best[1]["model"][k]) for k, v in best[0]["model"].items())
 
 
-def test_spam_default_data_offline_names_every_form_it_takes(tmp_path):
+def test_spam_default_data_offline_names_every_form_it_takes(tmp_path, run_main):
     env = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
-    r = run_script("finetune_spam.py", *SPAM_TINY, cwd=tmp_path, env=env, timeout=120)
+    r = run_main("finetune_spam.py", *SPAM_TINY, cwd=tmp_path, env=env)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "data/sms-spam/sms+spam+collection.zip" in last  # the zip, as UCI has it

@@ -15,8 +15,8 @@ import finetune_summarize as fs
 from errors import UserError
 from gpt2 import GPT, GPTConfig, Tokenizer
 from instruction import IGNORE, collate
-from tests.helpers import (EOT, ROOT, FakeOllama, assert_bitwise_equal, one_line_error, run_script, snapshot,
-                           train_load)
+from tests.helpers import (EOT, ROOT, FakeOllama, assert_bitwise_equal, one_line_error, run_in_process,
+                           snapshot, train_load)
 from tests.test_download import HUB_COMMIT, _DlHandler
 
 FIXTURE = ROOT / "tests" / "data" / "tldr"  # train.jsonl (24 posts), valid.jsonl (6), test.jsonl (6)
@@ -129,9 +129,9 @@ def tldr_run(tmp_path_factory):
     (folder / "data" / "tldr").mkdir(parents=True)
     (folder / "data" / "tldr" / "train.jsonl.part").write_bytes(files["/train.jsonl"][:PARTIAL])
     try:
-        r = run_script("finetune_summarize.py", *SUM_TINY, "--data-url", f"http://127.0.0.1:{server.server_port}",
-                       "--max-examples", 12, "--eval-examples", 4, "--max-iters", 4, "--eval-interval", 2,
-                       "--out-dir", "out", cwd=folder)
+        r = run_in_process("finetune_summarize.py", *SUM_TINY, "--data-url",
+                           f"http://127.0.0.1:{server.server_port}", "--max-examples", 12,
+                           "--eval-examples", 4, "--max-iters", 4, "--eval-interval", 2, "--out-dir", "out", cwd=folder)
     finally:
         server.shutdown()
         server.server_close()

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from corpus import load_tokens
 from gpt2 import GPT, Tokenizer
-from tests.helpers import (ROOT, TRAIN_TINY, assert_bitwise_equal, free_port, one_line_error, run_script,
+from tests.helpers import (ROOT, TRAIN_TINY, assert_bitwise_equal, free_port, one_line_error,
                            stop_then_resume, train_args, train_load, train_run, train_verdict)
 
 
@@ -73,7 +73,7 @@ def test_train_two_processes_match_one_stop_on_ctrl_c_once_and_resume_under_torc
     launcher prints its SignalException's). torchrun then resumes the run (the two launchers give the same
     variables), and its 12 steps are one process's, loss for loss."""
     data = train_verdict(tmp_path)
-    run = ["--max-iters", 12, "--batch-size", 4, "--eval-interval", 2, "--dropout", 0, "--lr", 1e-3]
+    run = ["--max-iters", 12, "--batch-size", 4, "--eval-interval", 4, "--dropout", 0, "--lr", 1e-3]
     args = train_args(data, tmp_path / "two", *run, "--nproc-per-node", 2)
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -128,9 +128,9 @@ def test_train_bad_data_is_one_clear_line(tmp_path, run_main):
     assert not (tmp_path / "out").exists()
 
 
-def test_train_default_data_offline_says_where_to_put_it(tmp_path):
+def test_train_default_data_offline_says_where_to_put_it(tmp_path, run_main):
     env = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
-    r = run_script("train.py", *TRAIN_TINY, cwd=tmp_path, env=env, timeout=120)
+    r = run_main("train.py", *TRAIN_TINY, cwd=tmp_path, env=env)
     *retries, last = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert last.startswith("error: could not download") and "data/the-verdict.txt" in last \

@@ -62,7 +62,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_runs(tmp_
     nothing; the first ends as if alone."""
     data, out = train_verdict(tmp_path), tmp_path / "out"
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data", data, *TRAIN_TINY,
-                              "--out-dir", out, "--max-iters", "100", "--eval-interval", "50"],
+                              "--out-dir", out, "--max-iters", "40", "--eval-interval", "20"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / ".lock.pid").exists() and time.time() < deadline:
@@ -71,7 +71,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_runs(tmp_
                                    "--max-iters", 2, "--overwrite"))
     assert f"is in use by a run that has not ended (process {first.pid})" in line
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert train_load(out / "ckpt.pt")["step"] == 100
+    assert train_load(out / "ckpt.pt")["step"] == 40
 
 
 def test_a_log_has_one_line_per_evaluation_and_no_progress_bars(tmp_path, run_main):
