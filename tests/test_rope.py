@@ -5,15 +5,13 @@ distance between tokens counts), the KV cache, batches of different lengths, che
 tools/compare_positions.py on a slice of the real Tiny Shakespeare."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import gpt2
 from gpt2 import GPT, GPTConfig
-from tests.helpers import DATA, ROOT, TINY, cached_logits, generate_without_cache, ragged_prompts, tiny_model
+from tests.helpers import DATA, TINY, cached_logits, generate_without_cache, ragged_prompts, tiny_model
 
 
 def rope_model(seed=0, **overrides):
@@ -193,17 +191,15 @@ def test_checkpoint_written_before_the_option_loads_as_learned(tmp_path):
 # tools/compare_positions.py
 
 
-def test_compare_positions_writes_the_figure_tables_and_json(tmp_path):
+def test_compare_positions_writes_the_figure_tables_and_json(tmp_path, run_main):
     """Both kinds, tiny, on the first 40,000 characters of the real Tiny Shakespeare."""
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:40_000]
     (tmp_path / "shakespeare.txt").write_text(text, encoding="utf-8")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "tools.compare_positions",
-                        "--data", tmp_path / "shakespeare.txt", "--out-dir", out, "--seeds", "0", "1",
-                        "--steps", "6", "--batch-size", "2",
-                        "--context", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-                        "--eval-interval", "2", "--val-windows", "4", "--long-windows", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_main("tools/compare_positions.py", "--data", tmp_path / "shakespeare.txt", "--out-dir", out,
+                 "--seeds", "0", "1", "--steps", "6", "--batch-size", "2", "--context", "16", "--n-layer", "1",
+                 "--n-head", "2", "--n-embd", "32", "--eval-interval", "2", "--val-windows", "4",
+                 "--long-windows", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "positions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
