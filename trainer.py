@@ -109,14 +109,18 @@ def build_model(args, ckpt, adapt=lambda model: model):
     adds what the script trains on top (a class head, LoRA), before ckpt.pt's weights go in."""
     torch.manual_seed(args.seed)  # the initial weights
     if not ckpt:
-        return adapt(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
-                                n_head=args.n_head, n_embd=args.n_embd, positions=args.positions))
-    dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout  # may change on resume
-    model = adapt(GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": dropout})))
-    try:
-        return load_weights(model, ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
-    except ValueError as e:  # weights of another model
-        raise UserError(str(e)) from None
+        model = adapt(init_model(args.init_from, args.context_length, args.dropout, n_layer=args.n_layer,
+                                 n_head=args.n_head, n_embd=args.n_embd, positions=args.positions))
+    else:
+        dropout = ckpt["config"]["dropout"] if args.dropout is None else args.dropout  # may change on resume
+        model = adapt(GPT.empty(GPTConfig(**{**ckpt["config"], "dropout": dropout})))
+        try:
+            load_weights(model, ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
+        except ValueError as e:  # weights of another model
+            raise UserError(str(e)) from None
+    for p in model.parameters():  # nn.Linear's layout, whichever load_weights chose for generation on this
+        p.data = p.data.contiguous()  # CPU: a resumed run computes with the kernels, so the bits, it resumes
+    return model
 
 
 # -----------------------------------------------------------------------------

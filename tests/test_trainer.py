@@ -5,11 +5,14 @@ rotary positions wherever a model goes."""
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from gpt2 import GPT
+import gpt2
+from gpt2 import GPT, GPTConfig
+from trainer import build_model
 from tests.helpers import (INSTRUCT_TINY, ROOT, SAMPLE_PROMPT, SPAM_TINY, TRAIN_TINY, assert_bitwise_equal,
                            one_line_error, snapshot, spam_sample, train_load, train_verdict)
 
@@ -24,6 +27,19 @@ def script_args(script, tmp_path):
         return ["--data", tmp_path / "sample.tsv", "--split-dir", tmp_path / "split", *SPAM_TINY,
                 "--eval-interval", 2, "--eval-batches", 1, "--dropout", 0.1, "--lr", 1e-3]
     return [*INSTRUCT_TINY, "--eval-interval", 2, "--dropout", 0.1, "--context-length", 128]
+
+
+@pytest.mark.parametrize("amd", [False, True])
+def test_a_resumed_model_trains_in_nn_linears_layout_on_each_cpu(tmp_path, monkeypatch, amd):
+    """Whichever layout load_weights picks for generation on this CPU, the model build_model resumes
+    has every weight contiguous (out, in), as a new one has: the run it resumes computed with those."""
+    monkeypatch.setattr(gpt2, "AMD_CPU", amd)
+    saved = GPT(GPTConfig(vocab_size=100, n_ctx=32, n_embd=64, n_head=4, n_layer=2))
+    args = SimpleNamespace(seed=0, out_dir=str(tmp_path), dropout=None)
+    model = build_model(args, saved.checkpoint())
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), saved.state_dict().values()))
 
 
 @pytest.mark.parametrize("script", ["train.py", "finetune_spam.py", "finetune_instruct.py"])
