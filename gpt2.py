@@ -6,6 +6,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import tiktoken
 import torch
@@ -400,9 +401,15 @@ def read_pt(path):
     return config, ckpt["model"]
 
 
+# A token reads every matrix once, as fast as its layout lets the kernel: MKL (torch's BLAS on x86) reads
+# nn.Linear's (out, in) fastest on Intel's CPUs, a matrix with its longer side contiguous on AMD's (bench.py).
+CPUINFO = Path("/proc/cpuinfo")  # Linux's description of the CPU, its vendor among it
+AMD_CPU = CPUINFO.is_file() and "AuthenticAMD" in CPUINFO.read_text()
+
+
 def load_weights(model, state, source):
     """Check state {name: tensor} against model (each weight there, shaped alike; a tied head may be left
-    out), then make it model's weights: float32 and contiguous as nn.Linear makes them, whatever the file."""
+    out), then make it model's weights: float32, laid out as AMD_CPU's comment says, whatever the file."""
     wanted = {k: p.shape for k, p in model.named_parameters()}  # a tied head is wte, named once
     state = {k: t for k, t in state.items() if k in wanted or k != "lm_head.weight"}  # (a .pt has it twice)
     missing, extra = sorted(wanted.keys() - state.keys()), sorted(state.keys() - wanted.keys())
@@ -412,7 +419,8 @@ def load_weights(model, state, source):
         if t.shape != wanted[name] or not t.is_floating_point():
             raise ValueError(f"{name} in {source} holds {t.dtype} numbers of shape {list(t.shape)}, "
                              f"not weights of shape {list(wanted[name])}")
-        state[name] = t.float().contiguous()
+        longer_side_contiguous = AMD_CPU and t.dim() == 2 and t.size(0) >= t.size(1)  # (in, out) bytes
+        state[name] = t.float().t().contiguous().t() if longer_side_contiguous else t.float().contiguous()
     model.load_state_dict(state, strict=False, assign=True)  # strict=False: the tied head, checked above
     if "lm_head.weight" not in wanted:
         model.lm_head.weight = model.transformer.wte.weight  # assign gave wte a new Parameter: tie them again

@@ -103,11 +103,15 @@ def read_bandwidth(args):
 
 
 def matvec_bandwidth(args):
-    """Bytes/s of one token through a 1 GiB nn.Linear weight, (out, in) as gpt2.py keeps them, and
-    through the same weight stored (in, out): how fast the kernels batch-1 generation calls read."""
-    w = torch.randn(2**18, 2**10, device=args.device)  # (out, in)
-    wt, x = w.t().contiguous(), torch.randn(1, 2**10, device=args.device)  # (in, out)
-    t = timed({"out, in": lambda: F.linear(x, w), "in, out": lambda: x @ wt}, args, "matrix-vector product")
-    return {layout: w.numel() * 4 / seconds for layout, seconds in t.items()}
+    """Bytes/s of one token through a 1 GiB nn.Linear weight, tall (out > in) and wide (in > out), each
+    stored (out, in) as nn.Linear makes it and (in, out): how fast the kernels batch-1 generation calls read
+    each layout -> {"(out, in) shape": (out-in bytes/s, in-out bytes/s)}."""
+    def speeds(out, inner):
+        w, x = torch.randn(out, inner, device=args.device), torch.randn(1, inner, device=args.device)
+        wt = w.t().contiguous()  # (in, out)
+        t = timed({"out, in": lambda: F.linear(x, w), "in, out": lambda: x @ wt}, args, "matrix-vector")
+        return tuple(w.numel() * 4 / t[k] for k in ("out, in", "in, out"))
+
+    return {f"({out}, {inner})": speeds(out, inner) for out, inner in ((2**18, 2**10), (2**10, 2**18))}
 
 

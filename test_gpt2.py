@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import gpt2
 from gpt2 import GPT, GPTConfig, Tokenizer, size_name
 from tests.helpers import (OPENAI_124M, ROOT, TENSORFLOW, TINY, cached_logits, generate_without_cache,
                            hf_twin, ragged_prompts, real_index, tiny_model, write_openai_checkpoint)
@@ -269,11 +270,38 @@ def test_own_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded(idx)[0], model(idx)[0])
 
 
+def laid_out(p, amd):
+    """p is as load_weights lays it out: on an AMD CPU a matrix (out, in) with out >= in has (in, out)
+    bytes (its longer side contiguous); every other weight, and all on other CPUs, contiguous (out, in)."""
+    if amd and p.dim() == 2 and p.size(0) >= p.size(1):
+        return p.stride() == (1, p.size(0))
+    return p.is_contiguous()
+
+
+@pytest.mark.parametrize("amd", [False, True])
+def test_generation_layout_on_each_cpu(tmp_path, monkeypatch, amd):
+    """Both layouts load_weights chooses from, whichever CPU runs the test: each lays out every weight as
+    laid_out says, keeps the head tied, and gives transformers' logits and greedy tokens."""
+    monkeypatch.setattr(gpt2, "AMD_CPU", amd)
+    hf = hf_twin(tiny_model(seed=15))
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = GPT.from_pretrained(str(tmp_path / "hf"))
+    assert all(laid_out(p, amd) for p in loaded.parameters())
+    assert amd == (loaded.lm_head.weight.stride() == (1, TINY["vocab_size"]))  # the head: (vocab, C)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    idx = torch.randint(0, TINY["vocab_size"], (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
+    greedy = hf.generate(idx[:, :5], max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, attention_mask=torch.ones_like(idx[:, :5]))
+    assert torch.equal(loaded.generate(idx[:, :5], 12, temperature=0), greedy)
+
+
 @TENSORFLOW
 def test_every_reader_gives_transformers_logits_and_one_layout(tmp_path):
     """The same weights as transformers' own folder, OpenAI's TensorFlow checkpoint and a .pt of ours:
     each loads to transformers' logits and greedy tokens, and to the same memory layout (float32,
-    every weight contiguous as nn.Linear makes it, the head tied to wte), whatever the file."""
+    laid_out for this CPU, the head tied to wte), whatever the file."""
     model = tiny_model(seed=14)
     hf = hf_twin(model)
     hf.save_pretrained(tmp_path / "hf")
@@ -294,7 +322,7 @@ def test_every_reader_gives_transformers_logits_and_one_layout(tmp_path):
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
         layouts.append({name: (p.dtype, p.shape, p.stride()) for name, p in loaded.named_parameters()})
         for name, p in loaded.named_parameters():
-            assert p.is_contiguous(), (path, name)
+            assert laid_out(p, gpt2.AMD_CPU), (path, name, p.stride())
     assert layouts[0] == layouts[1] == layouts[2]
 
 
@@ -372,9 +400,8 @@ def test_hf_transformers_folders_load_with_the_same_logits(tmp_path):
     ours = GPT.from_pretrained(str(tmp_path / "f32"))
     assert not ours.training \
            and ours.config == GPTConfig(vocab_size=100, n_ctx=48, n_embd=64, n_head=4, n_layer=2)
-    # the four block matrices keep the file's (in, out) bytes, seen through .t()
     for name, p in ours.named_parameters():
-        assert p.is_contiguous(), name
+        assert laid_out(p, gpt2.AMD_CPU), (name, p.stride())
     idx = torch.randint(0, 100, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
