@@ -31,7 +31,7 @@ from files import save_atomic
 from gpt2 import AMD_CPU, GPT, GPTConfig
 from int8 import quantize
 from measure import (TRAINING, in_fresh_process, matmul_peak, matvec_bandwidth, memory_now_and_peak,
-                     read_bandwidth, reset_peak, rss, timed)
+                     read_bandwidth, reset_peak, rss, step_matmul_speedup, timed)
 from peers import generate, generate_ragged, installed, make_models, make_ours, start_engine
 from trainer import configure_optimizer
 
@@ -278,6 +278,17 @@ def main():
         for setting in list(speed)[1:]:
             a, b = speed[setting]["ours"] / first["ours"], speed[setting]["theirs"] / first["theirs"]
             row(f"training, {setting} over {next(iter(TRAINING))}, speed-up", f"{a:.2f}x", f"{b:.2f}x")
+        # bfloat16's ceiling here: the step's own matrix products alone, in bfloat16 over float32
+        if native_bf16(dev):
+            ceiling = step_matmul_speedup(args, ours, tokens)
+            row("training, bfloat16 over float32: the step's own matrix products alone (the ceiling), "
+                "speed-up", f"{ceiling:.2f}x")
+            bf16, fp32 = (speed[f"{dtype}, fused AdamW"] for dtype in ("bfloat16 autocast", "float32"))
+            a, b = bf16["ours"] / fp32["ours"], bf16["theirs"] / fp32["theirs"]
+            row("training, bfloat16 autocast over float32, both fused AdamW: share of the ceiling",
+                f"{a:.2f}x ({a / ceiling:.0%})", f"{b:.2f}x ({b / ceiling:.0%})", a / b)
+        else:
+            row("training, bfloat16 ceiling", "no native bfloat16 on this device")
         # the two layouts gpt2.load_weights chooses from, whichever this CPU loads
         models = {k: relaid(copy.deepcopy(ours), k == "longer").train() for k in ("out_in", "longer")}
         opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for k, m in models.items()}

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -115,3 +116,25 @@ def matvec_bandwidth(args):
     return {f"({out}, {inner})": speeds(out, inner) for out, inner in ((2**18, 2**10), (2**10, 2**18))}
 
 
+def step_matmul_shapes(model):
+    """The matrix products of a training step, one per nn.Linear: {(out, in): how many}. (wpe is looked
+    up, not multiplied; the tied head is wte, multiplied once, as lm_head.)"""
+    return Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def step_matmul_speedup(args, model, tokens):
+    """How much faster bfloat16 computes the training step's own matrix products than float32, each weight
+    (out, in) multiplied as the step does it: forward x W^T, backward g W and g^T x, over tokens rows (the
+    attention's T x T products, a few per cent, left out). The ceiling of what autocast can gain: it also
+    casts, and leaves the rest of the step in float32."""
+    def products(dtype):  # every product of the step, the same operands for each weight of a shape
+        work = []
+        for (out, inner), count in step_matmul_shapes(model).items():
+            x, w, g = (torch.randn(*shape, device=args.device, dtype=dtype)
+                       for shape in ((tokens, inner), (out, inner), (tokens, out)))
+            work += [(x, w, g)] * count
+        return lambda: [(F.linear(x, w), g @ w, g.t() @ x) for x, w, g in work]
+
+    t = timed({name: products(getattr(torch, name)) for name in ("float32", "bfloat16")}, args,
+              "step matmuls")
+    return t["float32"] / t["bfloat16"]

@@ -3,12 +3,15 @@
 import math
 import re
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import measure
 import peers
 from devices import native_bf16
 from files import save_atomic
@@ -39,6 +42,9 @@ BENCH_ROWS = [
     ("training, float32, fused AdamW over float32, torch's defaults (foreach AdamW), speed-up", 2),
     *([("training, bfloat16 autocast, fused AdamW over float32, torch's defaults (foreach AdamW), "
         "speed-up", 2)] if NATIVE_BF16 else []),
+    *([("training, bfloat16 over float32: the step's own matrix products alone (the ceiling)", 1),
+       ("training, bfloat16 autocast over float32, both fused AdamW: share of the ceiling", 3)]
+      if NATIVE_BF16 else [("training, bfloat16 ceiling", 1)]),
     ("training, float32: every matrix's longer side contiguous over (out, in)", 1),
     ("generation, greedy, 8 + 12 tokens", 3), ("generation, greedy, share of the bandwidth bound", 3),
     ("generation, greedy: every matrix's longer side contiguous over (out, in)", 1),
@@ -118,6 +124,32 @@ def test_bench_models_compute_the_same():
     prompts = [x[0, :n].tolist() for n in (3, 20, 9)]
     assert peers.generate_ragged(ours, prompts, 8, no_autocast) \
            == peers.generate_ragged(theirs, prompts, 8, no_autocast)
+
+
+def test_the_ceiling_times_every_matrix_product_of_a_training_step(monkeypatch):
+    """bfloat16's ceiling multiplies what a step multiplies: GPT-2 124M's four matrices a block and the
+    head, each forward and twice backward, in both formats: torch's own count of a real step's
+    matrix-times-matrix FLOPs (attention's T x T products aside), and nanoGPT's 6 per weight per token."""
+    assert measure.step_matmul_shapes(GPT.empty(GPTConfig())) == {
+        (2304, 768): 12, (768, 768): 12, (3072, 768): 12, (768, 3072): 12, (50257, 768): 1}
+    model, tokens = tiny_model(), 2 * 16
+    flops = {}
+
+    def counted(fns, args, desc):  # measure.timed's place: each run once, its FLOPs counted
+        for name, fn in fns.items():
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops[name] = counter.get_total_flops()
+        return {name: 1.0 for name in fns}
+
+    monkeypatch.setattr(measure, "timed", counted)
+    assert measure.step_matmul_speedup(SimpleNamespace(device="cpu"), model, tokens) == 1.0
+    with FlopCounterMode(display=False) as step:
+        model(torch.randint(0, model.config.vocab_size, (2, 16)))[0].sum().backward()
+    aten = torch.ops.aten
+    linear = sum(n for op, n in step.get_flop_counts()["Global"].items() if op in (aten.mm, aten.addmm))
+    matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops["float32"] == flops["bfloat16"] == linear == 6 * tokens * matrices
 
 
 def test_ctranslate2_peer_generates_our_greedy_tokens(tmp_path):
