@@ -263,8 +263,8 @@ def main():
                       "theirs": copy.deepcopy(theirs).train()}
             opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1, fused=fused)
                     for k, m in models.items()}
-            autocast = torch.autocast(torch.device(dev).type, dtype=DTYPES[dtype], enabled=dtype != "float32")
-            t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, autocast)) for k in models}, args,
+            cast = torch.autocast(torch.device(dev).type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+            t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, cast)) for k in models}, args,
                       setting)
             speed[setting] = {k: tokens / t[k] for k in t}
             a, b = speed[setting]["ours"], speed[setting]["theirs"]
