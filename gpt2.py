@@ -407,6 +407,17 @@ CPUINFO = Path("/proc/cpuinfo")  # Linux's description of the CPU, its vendor am
 AMD_CPU = CPUINFO.is_file() and "AuthenticAMD" in CPUINFO.read_text()
 
 
+def contiguous(t):
+    """t's values, contiguous. A matrix is copied 128 columns at a time: as a transpose's source rows and
+    destination columns then stay in cache, that is twice as fast as .contiguous()."""
+    if t.is_contiguous() or t.dim() != 2:
+        return t.contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype)
+    for j in range(0, t.size(1), 128):
+        out[:, j:j + 128] = t[:, j:j + 128]
+    return out
+
+
 def load_weights(model, state, source):
     """Check state {name: tensor} against model (each weight there, shaped alike; a tied head may be left
     out), then make it model's weights: float32, laid out as AMD_CPU's comment says, whatever the file."""
@@ -420,7 +431,7 @@ def load_weights(model, state, source):
             raise ValueError(f"{name} in {source} holds {t.dtype} numbers of shape {list(t.shape)}, "
                              f"not weights of shape {list(wanted[name])}")
         longer_side_contiguous = AMD_CPU and t.dim() == 2 and t.size(0) >= t.size(1)  # (in, out) bytes
-        state[name] = t.float().t().contiguous().t() if longer_side_contiguous else t.float().contiguous()
+        state[name] = contiguous(t.float().t()).t() if longer_side_contiguous else contiguous(t.float())
     model.load_state_dict(state, strict=False, assign=True)  # strict=False: the tied head, checked above
     if "lm_head.weight" not in wanted:
         model.lm_head.weight = model.transformer.wte.weight  # assign gave wte a new Parameter: tie them again

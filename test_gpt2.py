@@ -278,6 +278,16 @@ def laid_out(p, amd):
     return p.is_contiguous()
 
 
+def test_contiguous_copies_any_layout_exactly():
+    """load_weights' copy in column strips holds torch's own contiguous copy, for a transpose whose width is
+    no multiple of the strip, a strided slice, a vector and an already contiguous matrix (returned as is)."""
+    m = torch.randn(300, 200)
+    for t in (m.t(), m[::2, 1::3], m[:, 5], torch.randn(4, 3, 5).transpose(0, 2)):
+        got = gpt2.contiguous(t)
+        assert got.is_contiguous() and got.dtype == t.dtype and torch.equal(got, t.contiguous())
+    assert gpt2.contiguous(m) is m
+
+
 @pytest.mark.parametrize("amd", [False, True])
 def test_generation_layout_on_each_cpu(tmp_path, monkeypatch, amd):
     """Both layouts load_weights chooses from, whichever CPU runs the test: each lays out every weight as
