@@ -94,7 +94,7 @@ def phase_peak(which, phase, args_dict):
     autocast = autocast_for(args.device)
     torch.manual_seed(args.seed)
     if phase == "train":
-        model.train()
+        model = relaid(model, False).train() if which == "ours" else model.train()  # as trainer.build_model
         opt = configure_optimizer(model, lr=1e-4, weight_decay=0.1)
         data = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1),
                              device=args.device)
@@ -259,7 +259,7 @@ def main():
             if dtype == "bfloat16" and not native_bf16(dev):
                 row(f"training step, {setting}", "no native bfloat16 on this device")
                 continue
-            models = {"ours": copy.deepcopy(ours).train(),
+            models = {"ours": relaid(copy.deepcopy(ours), False).train(),  # as trainer.build_model lays it
                       "theirs": copy.deepcopy(theirs).train()}
             opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1, fused=fused)
                     for k, m in models.items()}
