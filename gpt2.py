@@ -407,14 +407,12 @@ CPUINFO = Path("/proc/cpuinfo")  # Linux's description of the CPU, its vendor am
 AMD_CPU = CPUINFO.is_file() and "AuthenticAMD" in CPUINFO.read_text()
 
 
-def contiguous(t):
-    """t's values, contiguous. A matrix is copied 128 columns at a time: as a transpose's source rows and
-    destination columns then stay in cache, that is twice as fast as .contiguous()."""
-    if t.is_contiguous() or t.dim() != 2:
-        return t.contiguous()
+def contiguous(t):  # copied 128 columns at a time a transpose stays in cache: twice .contiguous()'s speed
+    if t.is_contiguous():
+        return t
     out = torch.empty(t.shape, dtype=t.dtype)
-    for j in range(0, t.size(1), 128):
-        out[:, j:j + 128] = t[:, j:j + 128]
+    for j in range(0, t.size(-1), 128):
+        out[..., j:j + 128] = t[..., j:j + 128]
     return out
 
 
