@@ -28,6 +28,7 @@ from devices import DTYPES, keep_freed_memory, native_bf16, pick_device
 from download_weights import write_hf
 from errors import UserError, run
 from files import save_atomic
+import gpt2
 from gpt2 import AMD_CPU, GPT, GPTConfig
 from int8 import quantize
 from measure import (TRAINING, in_fresh_process, matmul_peak, matvec_bandwidth, memory_now_and_peak,
@@ -43,13 +44,12 @@ MB = 1e6
 # What is timed: the other layout, a training step, nanoGPT's generation loop.
 
 
-def relaid(model, longer_side_contiguous):
-    """model with every matrix contiguous (out, in), as nn.Linear makes them, or with its longer side
-    contiguous (gpt2.load_weights's choice on an AMD CPU): the two layouts, measured on any CPU."""
+def relaid(model, in_out):
+    """model with every matrix contiguous (out, in), as nn.Linear makes them, or with (in, out) bytes
+    (gpt2.load_weights's choice on an AMD CPU): the two layouts, measured on any CPU."""
     for p in model.parameters():
         if p.dim() == 2:
-            longer_side = longer_side_contiguous and p.size(0) >= p.size(1)
-            p.data = p.data.t().contiguous().t() if longer_side else p.data.contiguous()
+            p.data = p.data.t().contiguous().t() if in_out else p.data.contiguous()
     return model
 
 
@@ -290,13 +290,13 @@ def main():
         else:
             row("training, bfloat16 ceiling", "no native bfloat16 on this device")
         # the two layouts gpt2.load_weights chooses from, whichever this CPU loads
-        models = {k: relaid(copy.deepcopy(ours), k == "longer").train() for k in ("out_in", "longer")}
+        models = {k: relaid(copy.deepcopy(ours), k == "in_out").train() for k in ("out_in", "in_out")}
         opts = {k: configure_optimizer(m, lr=1e-4, weight_decay=0.1) for k, m in models.items()}
         nocast = torch.autocast(torch.device(dev).type, enabled=False)
         t = timed({k: (lambda k=k: train_step(models[k], opts[k], data, nocast)) for k in models}, args,
                   "layouts")
-        row("training, float32: every matrix's longer side contiguous over (out, in), speed-up",
-            f"{t['out_in'] / t['longer']:.2f}x")
+        row("training, float32: every matrix (in, out) over (out, in), speed-up",
+            f"{t['out_in'] / t['in_out']:.2f}x")
         del models, opts
 
     # 2. Generation, batch 1.
@@ -310,13 +310,23 @@ def main():
     row(f"generation, greedy, {args.prompt_len} + {n} tokens, tokens/s", f"{a:.1f}", f"{b:.1f}", a / b)
     row("generation, greedy, share of the bandwidth bound", f"{a / bound:.0%}", f"{b / bound:.0%}", a / b)
     # the two layouts gpt2.load_weights chooses from (ours is loaded in one of them)
-    layouts = {k: relaid(copy.deepcopy(ours), k == "longer") for k in ("out_in", "longer")}
+    layouts = {k: relaid(copy.deepcopy(ours), k == "in_out") for k in ("out_in", "in_out")}
     t = timed({k: (lambda m=m: generate(m, idx, n, None, autocast)) for k, m in layouts.items()}, args,
               "layouts")
-    loaded = "longer side contiguous" if AMD_CPU else "(out, in)"
-    row(f"generation, greedy: every matrix's longer side contiguous over (out, in), speed-up (ours loads "
-        f"{loaded})", f"{t['out_in'] / t['longer']:.2f}x")
+    loaded = "(in, out)" if gpt2.AMD_CPU else "(out, in)"
+    row(f"generation, greedy: every matrix (in, out) over (out, in), speed-up (ours loads {loaded})",
+        f"{t['out_in'] / t['in_out']:.2f}x")
     del layouts
+
+    def split(on):  # gpt2.Linear splits one row's product over the cores where gpt2.AMD_CPU says so
+        gpt2.AMD_CPU = on
+        return generate(ours, idx, n, None, autocast)
+
+    t = timed({k: (lambda k=k: split(k == "split")) for k in ("mkl", "split")}, args, "split")
+    gpt2.AMD_CPU = AMD_CPU
+    where = "on this CPU" if AMD_CPU else "on AMD's CPUs, not this one"
+    row(f"generation, greedy: one row's product split over the cores over MKL's own, speed-up (gpt2.Linear "
+        f"splits it {where})", f"{t['mkl'] / t['split']:.2f}x")
     # C++ inference engines on the same weights, one at a time, float32 then int8 (ours in int8: int8.py, on
     # the CPU): CTranslate2 on transformers' copy, llama.cpp on our own GGUF export (q8_0: int8 in blocks).
     engines = [("CTranslate2", kind, kind == "int8") for kind in ("float32", "int8")

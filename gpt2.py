@@ -65,6 +65,25 @@ class GPTConfig:
 
 
 # -----------------------------------------------------------------------------
+# Linear layers: a token of batch-1 generation is one row times each matrix, and reads every weight once.
+# On AMD's CPUs MKL (torch's BLAS on x86) runs that product on one core, at about half the memory's speed;
+# Linear splits it over them all, and load_weights stores each matrix (in, out) there (bench.py's rows).
+CPUINFO = Path("/proc/cpuinfo")  # Linux's description of the CPU, its vendor among it
+AMD_CPU = CPUINFO.is_file() and "AuthenticAMD" in CPUINFO.read_text()
+
+
+class Linear(nn.Linear):  # y = x Wᵀ + b, W (out, in)
+    def forward(self, x):
+        cores = torch.get_num_threads()
+        one_row_on_amd = AMD_CPU and x.device.type == "cpu" and x.numel() == x.size(-1)
+        if not one_row_on_amd or x.size(-1) % cores:
+            return super().forward(x)
+        # x's features in as many slices as cores, each times its rows of Wᵀ (in, out) on its core; summed
+        y = torch.bmm(x.reshape(cores, 1, -1), self.weight.t().unflatten(0, (cores, -1))).sum(0)  # (1, out)
+        return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
+
+
+# -----------------------------------------------------------------------------
 # Attention: each position mixes in the positions before it, weighted by how
 # well its query matches their keys. Several heads do this side by side.
 def attention(q, k, v, dropout=0.0, sees=None):
@@ -108,8 +127,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.rope = config.positions == "rope"
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.keep_weights, self.weights = False, None  # keep_weights: run attention() and keep its weights
 
@@ -153,8 +172,8 @@ def gelu(x):  # the smooth nonlinearity of the feed-forward layers, in the tanh 
 class MLP(nn.Module):  # feed-forward: each position alone goes through a 4x wider layer and back
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -189,7 +208,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tied_head:  # GPT-2 has one matrix for both
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -401,12 +420,6 @@ def read_pt(path):
     return config, ckpt["model"]
 
 
-# A token reads every matrix once, as fast as its layout lets the kernel: MKL (torch's BLAS on x86) reads
-# nn.Linear's (out, in) fastest on Intel's CPUs, a matrix with its longer side contiguous on AMD's (bench.py).
-CPUINFO = Path("/proc/cpuinfo")  # Linux's description of the CPU, its vendor among it
-AMD_CPU = CPUINFO.is_file() and "AuthenticAMD" in CPUINFO.read_text()
-
-
 def contiguous(t):  # copied 128 columns at a time a transpose stays in cache: twice .contiguous()'s speed
     if t.is_contiguous():
         return t
@@ -428,8 +441,8 @@ def load_weights(model, state, source):
         if t.shape != wanted[name] or not t.is_floating_point():
             raise ValueError(f"{name} in {source} holds {t.dtype} numbers of shape {list(t.shape)}, "
                              f"not weights of shape {list(wanted[name])}")
-        longer_side_contiguous = AMD_CPU and t.dim() == 2 and t.size(0) >= t.size(1)  # (in, out) bytes
-        state[name] = contiguous(t.float().t()).t() if longer_side_contiguous else contiguous(t.float())
+        in_out = AMD_CPU and t.dim() == 2  # (in, out) bytes, as Linear's split reads them fastest there
+        state[name] = contiguous(t.float().t()).t() if in_out else contiguous(t.float())
     model.load_state_dict(state, strict=False, assign=True)  # strict=False: the tied head, checked above
     if "lm_head.weight" not in wanted:
         model.lm_head.weight = model.transformer.wte.weight  # assign gave wte a new Parameter: tie them again

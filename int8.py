@@ -15,10 +15,13 @@ from torch import nn
 
 
 def quantize(model):
-    """A copy of model (eval, on the CPU) whose nn.Linear layers keep int8 weights; model is left as it was."""
+    """A copy of model (eval, on the CPU) whose linear layers keep int8 weights; model is left as it was."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     q = copy.deepcopy(model).cpu().float().eval()
+    for m in q.modules():
+        if isinstance(m, nn.Linear):
+            m.__class__ = nn.Linear  # torch's quantization knows nn.Linear by its exact type, not gpt2.Linear
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's eager quantization is marked for migration to torchao
         return quantize_dynamic(q, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

@@ -81,7 +81,7 @@ def quiet_stderr():
 
 
 # OpenAI's tokenizer files: the same encoding as tiktoken's, built from the encoder.json that OpenAI
-# ships beside the weights (no download needed). It would take gpt2.py past its 400 lines.
+# ships beside the weights (no download needed). It would take gpt2.py past its 450 lines.
 
 # GPT-2's pre-tokenizer: text is cut into words, numbers, punctuation runs and spaces before BPE
 # (OpenAI's encoder.py pattern, in the equivalent possessive form tiktoken uses).

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import gpt2
 from gpt2 import GPT, GPTConfig, Tokenizer, size_name
@@ -271,9 +273,9 @@ def test_own_checkpoint_round_trip(tmp_path):
 
 
 def laid_out(p, amd):
-    """p is as load_weights lays it out: on an AMD CPU a matrix (out, in) with out >= in has (in, out)
-    bytes (its longer side contiguous); every other weight, and all on other CPUs, contiguous (out, in)."""
-    if amd and p.dim() == 2 and p.size(0) >= p.size(1):
+    """p is as load_weights lays it out: on an AMD CPU every matrix (out, in) has (in, out) bytes; every
+    other weight, and all on other CPUs, contiguous (out, in)."""
+    if amd and p.dim() == 2:
         return p.stride() == (1, p.size(0))
     return p.is_contiguous()
 
@@ -286,6 +288,36 @@ def test_contiguous_copies_any_layout_exactly():
         got = gpt2.contiguous(t)
         assert got.is_contiguous() and got.dtype == t.dtype and torch.equal(got, t.contiguous())
     assert gpt2.contiguous(m) is m
+
+
+@pytest.mark.parametrize("amd", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_splits_one_row_over_the_cores_on_amd_and_equals_nn_linear(monkeypatch, amd, threads):
+    """gpt2.Linear is nn.Linear's product: one row on an AMD CPU goes through the split over the cores
+    (one bmm, where the cores divide the features), in either layout load_weights stores; any other x,
+    or another CPU, goes through nn.Linear's own. Gradients flow through both."""
+    monkeypatch.setattr(gpt2, "AMD_CPU", amd)
+    bmm_calls = []
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(1) or torch.matmul(*a))
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (True, False):
+            layer = gpt2.Linear(64, 96, bias=bias)
+            for weight in (layer.weight.detach().clone(), layer.weight.detach().t().contiguous().t()):
+                layer.weight = nn.Parameter(weight)
+                for shape in ((1, 1, 64), (1, 64), (64,), (2, 1, 64), (1, 3, 64)):
+                    x = torch.randn(shape, requires_grad=True)
+                    bmm_calls.clear()
+                    y = layer(x)
+                    split = amd and x.numel() == 64 and 64 % threads == 0
+                    assert len(bmm_calls) == split and y.shape == (*shape[:-1], 96)
+                    torch.testing.assert_close(y, F.linear(x, weight, layer.bias), atol=1e-6, rtol=0)
+                    (grad,) = torch.autograd.grad(y.sum(), x)
+                    torch.testing.assert_close(grad, weight.sum(0).expand(shape), atol=1e-6, rtol=0)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("amd", [False, True])

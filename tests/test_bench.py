@@ -45,9 +45,10 @@ BENCH_ROWS = [
     *([("training, bfloat16 over float32: the step's own matrix products alone (the ceiling)", 1),
        ("training, bfloat16 autocast over float32, both fused AdamW: share of the ceiling", 3)]
       if NATIVE_BF16 else [("training, bfloat16 ceiling", 1)]),
-    ("training, float32: every matrix's longer side contiguous over (out, in)", 1),
+    ("training, float32: every matrix (in, out) over (out, in)", 1),
     ("generation, greedy, 8 + 12 tokens", 3), ("generation, greedy, share of the bandwidth bound", 3),
-    ("generation, greedy: every matrix's longer side contiguous over (out, in)", 1),
+    ("generation, greedy: every matrix (in, out) over (out, in)", 1),
+    ("generation, greedy: one row's product split over the cores", 1),
     ("generation, greedy, ours in float32 weights, CTranslate2 float32 as peer", 3),
     ("generation, greedy, ours in int8 weights, CTranslate2 int8 as peer", 3),
     *([("generation, greedy, ours in float32 weights, llama.cpp f32 as peer", 3),

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from files import save_atomic
-from gpt2 import GPT, GPTConfig, Tokenizer
+from gpt2 import GPT, GPTConfig, Linear, Tokenizer
 from int8 import quantize
 from tests.helpers import SAMPLE_PROMPT, tiny_model
 
@@ -26,7 +26,7 @@ def test_every_matrix_the_head_included_is_int8_with_one_scale_per_row():
         assert ((qw.dequantize() - w).abs() <= scales[:, None] / 2 * 1.001).all(), name
     # the embedding is looked up, not multiplied: it stays the float32 one; model itself is left as it was
     assert torch.equal(q.transformer.wte.weight, model.transformer.wte.weight)
-    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert all(type(model.get_submodule(n)) is Linear for n in names)
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
