@@ -14,8 +14,10 @@ import errors  # noqa: F401 (imported first: a Ctrl-C during the imports below q
 
 import argparse
 import copy
+import glob
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,11 +27,11 @@ from tqdm import tqdm
 
 from cli import SEED, add_device_arg, argument_parser, number
 from devices import DTYPES, keep_freed_memory, native_bf16, pick_device
-from download_weights import write_hf
+from download_weights import TOKENIZER_FILES, write_hf
 from errors import UserError, run
 from files import save_atomic
 import gpt2
-from gpt2 import AMD_CPU, GPT, GPTConfig
+from gpt2 import AMD_CPU, GPT, MODELS_DIR, GPTConfig
 from int8 import quantize
 from measure import (TRAINING, in_fresh_process, matmul_peak, matvec_bandwidth, memory_now_and_peak,
                      read_bandwidth, reset_peak, rss, step_matmul_speedup, timed)
@@ -148,14 +150,21 @@ def checkpoints_root(args):
     return os.path.join(tempfile.gettempdir(), f"gpt2-bench-{shape}-seed{args.seed}")
 
 
+def tokenizer_folder():
+    """A folder of download_weights.py's (models/<size>/) with GPT-2's tokenizer files, or None."""
+    found = [os.path.dirname(p) for p in sorted(glob.glob(os.path.join(MODELS_DIR, "*", "encoder.json")))]
+    return next((f for f in found if all(os.path.isfile(os.path.join(f, n)) for n in TOKENIZER_FILES)), None)
+
+
 def checkpoints(ours, args):
     """The same weights as a Hugging Face folder (as download_weights.py converts OpenAI's checkpoint:
-    transformers loads it too) and as a .pt of ours, written once into the temp folder and kept for
-    later runs -> {"hf": folder, "pt": file}."""
-    root = checkpoints_root(args)
-    paths = {"hf": os.path.join(root, "hf"), "pt": os.path.join(root, "model.pt")}
+    transformers loads it too; with GPT-2's tokenizer files where tokenizer_folder finds them) and as a .pt
+    of ours, written once into the temp folder and kept for later runs -> {"hf": folder, "pt": file}."""
+    root, tokenizer = checkpoints_root(args), tokenizer_folder()
+    paths = {"hf": os.path.join(root, "hf+tokenizer" if tokenizer else "hf"),
+             "pt": os.path.join(root, "model.pt")}
     if not os.path.isdir(paths["hf"]):
-        write_hf(ours, paths["hf"] + ".tmp")
+        write_hf(ours, paths["hf"] + ".tmp", tokenizer)
         os.replace(paths["hf"] + ".tmp", paths["hf"])
     if not os.path.isfile(paths["pt"]):
         save_atomic(ours.checkpoint(), paths["pt"])
@@ -389,9 +398,11 @@ def main():
     runs = {"theirs": ("theirs", files["hf"]), "ours": ("ours", files["hf"]), "pt": ("ours", files["pt"]),
             "first": ("ours, first", files["hf"])}
     loads = {name: [] for name in runs}
-    for i in tqdm(range(args.reps), desc="loading", leave=False):
+    for i in tqdm(range(args.warmup + args.reps), desc="loading", leave=False):
         for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
-            loads[name].append(in_fresh_process("bench", "load_peak", *runs[name]))
+            load = in_fresh_process("bench", "load_peak", *runs[name])
+            if i >= args.warmup:  # the first fresh process of all ran 0.3 s slower than the next ones
+                loads[name].append(load)
     (sa, ba, pa), (sb, bb, pb) = ([statistics.median(v) for v in zip(*loads[n])] for n in ("ours", "theirs"))
     row(f"loading {weights / MB:.0f} MB of weights from the same Hugging Face folder, s", f"{sa:.2f}",
         f"{sb:.2f}", sa / sb)
@@ -402,7 +413,19 @@ def main():
     row("loading, ours in a process that has not imported torch._dynamo yet, s",
         f"{statistics.median(s for s, _, _ in loads['first']):.2f}")
 
-    # 5. Peak memory of training and generation, each in a fresh process.
+    # 5. Start-up, what a user waits for first: a whole `python sample.py --max-new-tokens 1` process against
+    # the same work in transformers (tools/transformers_sample.py), from the same folder, both tokenizers in it.
+    label = "start-up: a whole python sample.py --max-new-tokens 1, against the same in transformers, s"
+    if files["hf"].endswith("+tokenizer"):
+        commands = {"ours": [sys.executable, "sample.py", "--model", files["hf"], "--max-new-tokens", "1"],
+                    "theirs": [sys.executable, "-m", "tools.transformers_sample", "--model", files["hf"]]}
+        t = timed({k: (lambda c=c: subprocess.run(c, cwd=HERE, check=True, capture_output=True))
+                   for k, c in commands.items()}, args, "start-up")
+        row(label, f"{t['ours']:.2f}", f"{t['theirs']:.2f}", t["ours"] / t["theirs"])
+    else:
+        row(label, f"needs GPT-2's tokenizer files: python download_weights.py (into {MODELS_DIR}/<size>/)")
+
+    # 6. Peak memory of training and generation, each in a fresh process.
     kind = "allocated" if dev == "cuda" else "RSS"
     for phase, what in (("train", f"training step {args.batch_size} x {args.seq_len}"),
                         ("generate", "greedy generation")):

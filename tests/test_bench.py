@@ -61,6 +61,7 @@ BENCH_ROWS = [
     ("loading 14 MB of weights from the same Hugging Face folder", 3),
     ("loading, peak RSS over the process", 3), ("loading, ours from a .pt of ours", 1),
     ("loading, ours in a process that has not imported torch._dynamo", 1),
+    ("start-up: a whole python sample.py --max-new-tokens 1, against the same in transformers", 3),
     ("training step 2 x 16, peak RSS", 3), ("greedy generation, peak RSS", 3),
 ]
 
@@ -74,6 +75,9 @@ def test_bench_quick_prints_every_row_and_nothing_else(tmp_path):
     table, with no line of a peer's log among the rows."""
     assert bench.QUICK == {k.removeprefix("--").replace("-", "_"): int(v)
                            for k, v in zip(BENCH_TINY[::2], BENCH_TINY[1::2])}
+    (tmp_path / "models" / "124M").mkdir(parents=True)  # download_weights.py's tokenizer files, for start-up
+    for name in ("encoder.json", "vocab.bpe"):
+        (tmp_path / "models" / "124M" / name).symlink_to(DATA / "gpt2-124M" / name)
     out = bench_run(["--quick"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.strip()]
@@ -93,7 +97,9 @@ def test_bench_quick_prints_every_row_and_nothing_else(tmp_path):
     # weights it benchmarked.
     (folder,) = tmp_path.glob("gpt2-bench-2x4x64-seed0")
     ours, _ = peers.make_models(2, 4, 64, seed=0)
-    for kind in ("hf", "model.pt"):
+    assert {p.name for p in (folder / "hf+tokenizer").iterdir()} \
+           == {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
+    for kind in ("hf+tokenizer", "model.pt"):
         loaded = GPT.from_pretrained(str(folder / kind))
         for name, p in ours.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], p), (kind, name)
