@@ -322,7 +322,7 @@ def main():
     layouts = {k: relaid(copy.deepcopy(ours), k == "in_out") for k in ("out_in", "in_out")}
     t = timed({k: (lambda m=m: generate(m, idx, n, None, autocast)) for k, m in layouts.items()}, args,
               "layouts")
-    loaded = "(in, out)" if gpt2.AMD_CPU else "(out, in)"
+    loaded = "(in, out)" if AMD_CPU else "(out, in)"
     row(f"generation, greedy: every matrix (in, out) over (out, in), speed-up (ours loads {loaded})",
         f"{t['out_in'] / t['in_out']:.2f}x")
     del layouts
@@ -414,7 +414,7 @@ def main():
         f"{statistics.median(s for s, _, _ in loads['first']):.2f}")
 
     # 5. Start-up, what a user waits for first: a whole `python sample.py --max-new-tokens 1` process against
-    # the same work in transformers (tools/transformers_sample.py), from the same folder, both tokenizers in it.
+    # the same work in transformers (tools/transformers_sample.py), from one folder with both tokenizers.
     label = "start-up: a whole python sample.py --max-new-tokens 1, against the same in transformers, s"
     if files["hf"].endswith("+tokenizer"):
         commands = {"ours": [sys.executable, "sample.py", "--model", files["hf"], "--max-new-tokens", "1"],

@@ -65,9 +65,8 @@ class GPTConfig:
 
 
 # -----------------------------------------------------------------------------
-# Linear layers: a token of batch-1 generation is one row times each matrix, and reads every weight once.
-# On AMD's CPUs MKL (torch's BLAS on x86) runs that product on one core, at about half the memory's speed;
-# Linear splits it over them all, and load_weights stores each matrix (in, out) there (bench.py's rows).
+# Linear layers: a token of batch-1 generation is one row times each matrix. On AMD's CPUs MKL (torch's BLAS)
+# runs that on one core, at half the memory's speed: Linear splits it over them all (bench.py's rows).
 CPUINFO = Path("/proc/cpuinfo")  # Linux's description of the CPU, its vendor among it
 AMD_CPU = CPUINFO.is_file() and "AuthenticAMD" in CPUINFO.read_text()
 
