@@ -2,6 +2,7 @@
 CTranslate2, a C++ engine for inference. Each is imported late: gpt2.py's loading rows must not carry it."""
 
 import os
+import sys
 from functools import partial
 from types import SimpleNamespace
 
@@ -75,22 +76,27 @@ def installed(module):
     return importlib.util.find_spec(module) is not None
 
 
+def import_ctranslate2():
+    """ctranslate2, bound to its own OpenMP runtime."""
+    # CTranslate2 ships its own OpenMP, but loaded plainly its calls bind to torch's, loaded first and global:
+    # its threads then join torch's pool, which, with more threads than cores, stops spin-waiting between
+    # parallel regions (ours ran 0.7-0.8x as fast after CTranslate2's first run, and CTranslate2 itself
+    # slower too). Bound deep, each engine keeps its own OpenMP, as it has in a process of its own.
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | getattr(os, "RTLD_DEEPBIND", 0))  # Linux's; elsewhere nothing to keep apart
+    try:
+        import ctranslate2
+    finally:
+        sys.setdlopenflags(flags)
+    return ctranslate2
+
+
 def ctranslate2_generator(theirs, folder, compute_type):
     """transformers' model -> CTranslate2's Generator on the same weights, converted into folder once, in
     compute_type ("float32", "int8": its int8 weights, one scale per row, float32 activations). Its
     tokens are the ids written as strings: no tokenizer files needed."""
-    # Its OpenMP threads, left to wait actively, kept the cores busy between its calls: ours ran at 0.65x
-    # its speed after a run of it, 0.97x with a passive wait, which cost it nothing measurable. Its OpenMP
-    # reads the setting once, as it loads.
-    waiting, os.environ["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY"), "PASSIVE"
-    try:
-        import ctranslate2
-        from ctranslate2.converters.transformers import GPT2Loader
-    finally:
-        if waiting is None:
-            del os.environ["OMP_WAIT_POLICY"]
-        else:
-            os.environ["OMP_WAIT_POLICY"] = waiting
+    ctranslate2 = import_ctranslate2()
+    from ctranslate2.converters.transformers import GPT2Loader
 
     if not os.path.isdir(folder):
         ids = [str(i) for i in range(theirs.config.vocab_size)]
@@ -118,7 +124,8 @@ def generate_ctranslate2(generator, idx, new_tokens):
 
 def llama_cpp_model(ours, path, gguf_type):
     """llama.cpp on our GGUF export of ours (gguf_export.py), written to path once: f32, or q8_0 (int8 in
-    blocks of 32, one scale each). Its keys and values cached in float32, as ours are."""
+    blocks of 32, one scale each). Its keys and values cached in float32, as ours are. Its OpenMP is
+    libgomp.so.1, the name torch's runtime already holds: unlike CTranslate2's, it joins torch's pool."""
     import llama_cpp
 
     from gguf_export import write_gguf

@@ -1,7 +1,10 @@
 """bench.py and the tools: they run on a tiny config and print every row (no timing is checked)."""
 
 import math
+import os
 import re
+import subprocess
+import sys
 import tempfile
 from types import SimpleNamespace
 
@@ -17,7 +20,7 @@ from devices import native_bf16
 from files import save_atomic
 from gpt2 import GPT, GPTConfig
 from int8 import quantize
-from tests.helpers import DATA, TINY, hf_twin, run_script, tiny_model
+from tests.helpers import DATA, ROOT, TINY, hf_twin, run_script, tiny_model
 
 BENCH_TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--batch-size", "2", "--seq-len", "16",
               "--prompt-len", "8", "--new-tokens", "12", "--batch-new-tokens", "4", "--prefill", "32",
@@ -170,6 +173,18 @@ def test_ctranslate2_peer_generates_our_greedy_tokens(tmp_path):
     int8 = peers.generate_ctranslate2(peers.ctranslate2_generator(theirs, str(tmp_path / "i8"), "int8"), idx, 10)
     assert int8.shape == expected.shape and torch.equal(int8[:, :13], expected[:, :13])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f32", "i8"]  # written whole, renamed into place
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_DEBUG's bindings are glibc's")
+def test_ctranslate2_keeps_its_own_openmp():
+    """Bound plainly, CTranslate2's OpenMP calls land in torch's runtime (loaded first, global) and slow
+    both engines; peers binds it deep: glibc's loader, asked to report, shows its calls going to its own."""
+    script = "import torch, peers; peers.import_ctranslate2()"
+    loader = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LD_DEBUG": "bindings"},
+                            capture_output=True, text=True, cwd=ROOT, check=True).stderr
+    binding = r"binding file \S*libctranslate2\S* \[0\] to (\S+) \[0\]: normal symbol `GOMP_parallel'"
+    targets = re.findall(binding, loader)
+    assert targets and all("ctranslate2" in t and "torch" not in t for t in targets), targets
 
 
 def test_bench_int8_perplexity_and_rows(tmp_path, run_main):
