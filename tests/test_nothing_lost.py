@@ -256,7 +256,12 @@ def test_ctrl_c_while_the_script_imports_torch_exits_130_without_a_traceback(scr
     quiet stop, as it is once training runs."""
     p = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # Python is up and errors.py imported; torch is still importing
+    # until torch's library is mapped: errors.py, imported first, is in, and torch is still importing (a
+    # fixed 0.3 s was too short on a busy machine)
+    deadline = time.monotonic() + 30
+    while "libtorch" not in open(f"/proc/{p.pid}/maps").read():
+        assert p.poll() is None and time.monotonic() < deadline, "the script never began to import torch"
+        time.sleep(0.01)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert out == "" and "usage:" not in out  # stopped before argparse could print --help
